@@ -1,0 +1,78 @@
+"""The Python API: `simulate(hw, model, ...)` → Result, mirroring the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping as MappingType
+from pathlib import Path
+from typing import Any
+
+from simulator.engine import Timeline, simulate_tasks
+from simulator.errors import UserError
+from simulator.hardware import Hardware, load_hardware
+from simulator.mapping import DEFAULT_GRANULARITY, Mapping, Task, map_trace
+from simulator.power import energy
+from simulator.report import Result, build_result
+from simulator.workload.cache import get_trace
+from simulator.workload.trace import Phase, Trace
+from workloads.config import ModelConfig, resolve_model
+
+DEFAULT_CONTEXT = 2048
+DEFAULT_PROMPT = 2048
+#: Upper bounds that keep a request meaningful (and a simulation finite).
+MAX_BATCH, MAX_TOKENS = 1 << 16, 1 << 22
+#: Bytes the host sends per token (its id) at the start of a step.
+HOST_BYTES_PER_TOKEN = 8
+
+
+def _check_shape(phase: str, batch: int, context: int, prompt: int) -> None:
+    if phase not in ("decode", "prefill"):
+        raise UserError("--phase", f"expected 'decode' or 'prefill', not '{phase}'")
+    for flag, value, low, high in (("--batch", batch, 1, MAX_BATCH),
+                                   ("--context", context, 0, MAX_TOKENS),
+                                   ("--prompt", prompt, 1, MAX_TOKENS)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise UserError(flag, f"expected a whole number from {low} to {high}, not {value!r}")
+
+
+def _check_fits(hw: Hardware, trace: Trace) -> None:
+    need = trace.weights_bytes + trace.state_bytes + trace.activation_bytes
+    have = hw.memory.dram.capacity
+    if need > have:
+        gib = 1 << 30
+        raise UserError(
+            "--model",
+            f"{trace.model} needs {need / gib:.2f} GiB (weights {trace.weights_bytes / gib:.2f}, "
+            f"state {trace.state_bytes / gib:.2f}, activations {trace.activation_bytes / gib:.2f})"
+            f" but {hw.name} has {have / gib:.2f} GiB (memory.dram.capacity)")
+
+
+def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
+              granularity: int = DEFAULT_GRANULARITY, record: bool = False
+              ) -> tuple[Result, list[Task], Timeline]:
+    """Map and simulate a captured trace; also returns the tasks and timeline."""
+    if mapping not in ("tensor", "batch"):
+        raise UserError("--mapping", f"expected 'tensor' or 'batch', not '{mapping}'")
+    _check_fits(hw, trace)
+    tasks = map_trace(trace, hw, mapping, granularity)
+    timeline = simulate_tasks(hw, tasks, trace.tokens * HOST_BYTES_PER_TOKEN, record)
+    return build_result(hw, trace, tasks, timeline, energy(hw, tasks, timeline), mapping), \
+        tasks, timeline
+
+
+def simulate(hw: Hardware | str | Path, model: ModelConfig | str, *, phase: Phase = "decode",
+             batch: int = 1, context: int = DEFAULT_CONTEXT, prompt: int = DEFAULT_PROMPT,
+             mapping: Mapping = "tensor", hw_set: MappingType[str, Any] | None = None,
+             model_set: MappingType[str, str] | None = None,
+             granularity: int = DEFAULT_GRANULARITY, use_cache: bool = True) -> Result:
+    """Simulate one step of `model` on `hw`.
+
+    decode: one new token for each of `batch` sequences after `context` tokens;
+    prefill: `batch` prompts of `prompt` tokens. `hw_set` overrides dotted YAML paths
+    (values with units, e.g. {"clock": "54 MHz"}); `model_set` overrides config fields.
+    """
+    _check_shape(phase, batch, context, prompt)
+    machine = hw if isinstance(hw, Hardware) else load_hardware(hw, hw_set)
+    cfg = model if isinstance(model, ModelConfig) else resolve_model(model, model_set)
+    trace = get_trace(cfg, phase, batch, context if phase == "decode" else 0,
+                      prompt if phase == "prefill" else 0, use_cache=use_cache)
+    return run_trace(machine, trace, mapping, granularity)[0]

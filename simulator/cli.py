@@ -1,0 +1,158 @@
+"""`simulate`: the command line.
+
+    simulate --hw fpga_8core.yaml --model 1.3b [--phase decode|prefill] [--format json]
+    simulate schema                 JSON Schema of the hardware format
+    simulate trace --model M -o F   write a model's op trace for inspection
+    simulate list                   shipped machines and model presets
+
+Every bad input ends in one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import yaml
+
+from simulator.errors import UserError
+
+COMMANDS = ("schema", "trace", "list")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (exit 2 via UserError)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(self.prog, message)
+
+
+def _pairs(values: Sequence[str], flag: str, parse_value: bool) -> dict[str, Any]:
+    pairs: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} {item}", "expected KEY=VALUE, e.g. clock=\"54 MHz\"")
+        if parse_value:
+            try:
+                pairs[key.strip()] = yaml.safe_load(value) if value.strip() else value
+            except yaml.YAMLError:
+                pairs[key.strip()] = value
+        else:
+            pairs[key.strip()] = value
+    return pairs
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="preset (1.3b, mmfree-2.7b, llama2-7b, …) or HF config.json/YAML")
+    parser.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. torch_dtype=float32")
+    parser.add_argument("--phase", default="decode", choices=("decode", "prefill"))
+    parser.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="decode: tokens already in the KV cache/state (default 2048)")
+    parser.add_argument("--prompt", type=int, default=None,
+                        help="prefill: prompt tokens (default 2048)")
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="simulate", description="Project latency, tokens/s, watts and "
+                     "memory of a language model on a YAML-described machine.",
+                     epilog="Other commands: simulate schema | trace | list")
+    parser.add_argument("--hw", required=True, help="hardware YAML: path or shipped file name")
+    parser.add_argument("--hw-set", action="append", default=[], metavar="PATH=VALUE",
+                        help="override a dotted YAML path, e.g. clock=\"54 MHz\"")
+    _add_model(parser)
+    parser.add_argument("--mapping", default="tensor", choices=("tensor", "batch"))
+    parser.add_argument("--format", default="table", choices=("table", "json", "csv"))
+    parser.add_argument("--granularity", type=int, default=None,
+                        help="max coalesced chunks per op and core (default 8)")
+    parser.add_argument("--no-cache", action="store_true", help="recapture the trace")
+    return parser
+
+
+def _run(argv: Sequence[str]) -> int:
+    from simulator.api import DEFAULT_CONTEXT, DEFAULT_PROMPT, simulate
+    from simulator.mapping import DEFAULT_GRANULARITY
+
+    args = _run_parser().parse_args(argv)
+    result = simulate(
+        args.hw, args.model, phase=args.phase, batch=args.batch,
+        context=DEFAULT_CONTEXT if args.context is None else args.context,
+        prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt, mapping=args.mapping,
+        hw_set=_pairs(args.hw_set, "--hw-set", True),
+        model_set=_pairs(args.model_set, "--model-set", False),
+        granularity=args.granularity or DEFAULT_GRANULARITY, use_cache=not args.no_cache)
+    if args.format == "json":
+        print(result.to_json())
+    elif args.format == "csv":
+        sys.stdout.write(result.to_csv())
+    else:
+        from simulator.table import render
+
+        render(result)
+    return 0
+
+
+def _schema(argv: Sequence[str]) -> int:
+    _Parser(prog="simulate schema", description="Print the hardware JSON Schema.").parse_args(argv)
+    from simulator.hardware import schema_json
+
+    print(schema_json())
+    return 0
+
+
+def _trace(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="simulate trace", description="Write a model's op trace (JSON).")
+    _add_model(parser)
+    parser.add_argument("-o", "--output", required=True, help="file to write")
+    args = parser.parse_args(argv)
+    from simulator.api import DEFAULT_CONTEXT, DEFAULT_PROMPT, _check_shape
+    from simulator.files import write_atomic
+    from simulator.workload.cache import get_trace
+    from workloads.config import resolve_model
+
+    context = DEFAULT_CONTEXT if args.context is None else args.context
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    _check_shape(args.phase, args.batch, context, prompt)
+    cfg = resolve_model(args.model, _pairs(args.model_set, "--model-set", False))
+    trace = get_trace(cfg, args.phase, args.batch, context if args.phase == "decode" else 0,
+                      prompt if args.phase == "prefill" else 0)
+    write_atomic(args.output, trace.to_json(), "-o")
+    print(f"{len(trace.ops)} ops of {trace.model} ({trace.phase}) written to {args.output}")
+    return 0
+
+
+def _list(argv: Sequence[str]) -> int:
+    _Parser(prog="simulate list", description="Shipped machines and model presets.").parse_args(
+        argv)
+    from simulator.hardware import shipped
+    from workloads.config import ALIASES, PRESETS
+
+    print("hardware:", " ".join(shipped()))
+    print("models:  ", " ".join([*PRESETS, *ALIASES]))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `simulate` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    handler = {"schema": _schema, "trace": _trace, "list": _list}.get(command or "", _run)
+    try:
+        return handler(argv[1:] if command else argv)
+    except UserError as exc:
+        print(f"simulate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("simulate: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The machine as SimPy resources: core units, DRAM channels, the L2 and the host link.
+
+Time inside the engine is in nanoseconds (floats), everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import simpy
+
+from simulator.hardware.schema import Hardware
+
+Process = Generator[simpy.Event, Any, None]
+
+
+@dataclass
+class Usage:
+    """What the machine did: busy time per resource and bytes it moved (ns, bytes)."""
+
+    busy_ns: dict[str, float] = field(default_factory=dict)
+    dram_bytes: float = 0.0
+    dram_activated_bytes: float = 0.0
+    l2_bytes: float = 0.0
+    host_bytes: float = 0.0
+
+    def add(self, track: str, ns: float) -> None:
+        self.busy_ns[track] = self.busy_ns.get(track, 0.0) + ns
+
+
+class Machine:
+    """SimPy resources of one `Hardware`, and the processes that move bytes through them."""
+
+    def __init__(self, env: simpy.Environment, hw: Hardware) -> None:
+        self.env, self.hw = env, hw
+        dram = hw.memory.dram
+        clock = hw.core_clock
+        self.channels = 1 if dram.interleave else dram.channels
+        channel_bw = dram.bandwidth_per_channel * dram.efficiency * (
+            dram.channels if dram.interleave else 1)
+        self.dram = [simpy.Resource(env, capacity=1) for _ in range(self.channels)]
+        self.units = {(core, name): simpy.Resource(env, capacity=1)
+                      for core in range(hw.cores.count) for name in hw.cores.units}
+        self.l2 = simpy.Resource(env, capacity=1) if hw.memory.l2 else None
+        self.host = simpy.Resource(env, capacity=1)
+        access_bytes = dram.access_width / 8
+        #: ns a channel is occupied per access of one core
+        self.occupancy_ns = max(access_bytes, dram.burst) / channel_bw * 1e9
+        self.channel_ns_per_byte = 1e9 / channel_bw
+        self.access_bytes = access_bytes
+        self.interval_ns = dram.access_interval.ns(clock)
+        self.dram_latency_ns = dram.latency.ns(clock)
+        self.l2_ns_per_byte = 1e9 / hw.memory.l2.bandwidth if hw.memory.l2 else 0.0
+        self.usage = Usage()
+
+    def dram_transfer(self, nbytes: float, cores: int, channel: int) -> Process:
+        """`cores` identical cores each move `nbytes` over `channel`.
+
+        The channel is held for the accesses of all of them; each core's own port
+        (access width × access interval) bounds how fast it can go on its own.
+        """
+        env = self.env
+        accesses = nbytes / self.access_bytes
+        start = env.now
+        occupied = cores * accesses * self.occupancy_ns
+        with self.dram[channel].request() as request:
+            yield request
+            yield env.timeout(occupied)
+        self.usage.add(f"dram{channel}", occupied)
+        self.usage.dram_bytes += cores * nbytes
+        self.usage.dram_activated_bytes += cores * accesses * max(
+            self.access_bytes, self.hw.memory.dram.burst)
+        remaining = start + accesses * self.interval_ns - env.now
+        yield env.timeout(max(0.0, remaining) + self.dram_latency_ns)
+
+    def l2_transfer(self, nbytes: float, cores: int) -> Process:
+        """`cores` identical cores each move `nbytes` through the shared L2."""
+        assert self.l2 is not None
+        held = cores * nbytes * self.l2_ns_per_byte
+        with self.l2.request() as request:
+            yield request
+            yield self.env.timeout(held)
+        self.usage.add("l2", held)
+        self.usage.l2_bytes += cores * nbytes
+
+    def host_transfer(self, nbytes: float) -> Process:
+        """Host → device copy over the host link, written into DRAM channel 0."""
+        link = self.hw.host_link
+        if link is None or nbytes <= 0:
+            return
+        held = nbytes / link.bandwidth * 1e9
+        with self.host.request() as request:
+            yield request
+            yield self.env.timeout(link.latency.ns(self.hw.core_clock) + held)
+        self.usage.add("host", held)
+        self.usage.host_bytes += nbytes
+        written = nbytes * self.channel_ns_per_byte  # the host writes full bursts
+        with self.dram[0].request() as request:
+            yield request
+            yield self.env.timeout(written)
+        self.usage.add("dram0", written)
+        self.usage.dram_bytes += nbytes
+        self.usage.dram_activated_bytes += nbytes

@@ -1,0 +1,167 @@
+"""Run mapped tasks on a Machine as SimPy processes and record what happened.
+
+Every op's time comes out of the event simulation: a part streams its chunks through
+load (DRAM and/or L2) → compute (its unit) → store, with one chunk loading while the
+previous computes (double buffering). A task starts when its producers are done (all
+their parts under tensor mapping; the same lane under batch mapping), after a serial
+launch overhead; without `overlap_ops` it also waits for the previous op (one stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import simpy
+
+from simulator.engine.machine import Machine, Process, Usage
+from simulator.hardware.schema import Hardware
+from simulator.mapping import Part, Task
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One interval on one track (a core unit, a DRAM channel, ...), in ns."""
+
+    track: str
+    op: int
+    start_ns: float
+    end_ns: float
+    nbytes: float = 0.0
+    ops: float = 0.0
+
+
+@dataclass
+class Timeline:
+    """The result of a run: when each op started and ended, and resource usage."""
+
+    makespan_ns: float
+    op_start_ns: list[float]
+    op_end_ns: list[float]
+    usage: Usage
+    events: int
+    slices: list[Slice] = field(default_factory=list)
+
+
+class _Run:
+    def __init__(self, hw: Hardware, tasks: list[Task], record: bool) -> None:
+        self.env = simpy.Environment()
+        self.machine = Machine(self.env, hw)
+        self.hw, self.tasks, self.record = hw, tasks, record
+        self.launch_ns = hw.overheads.launch.ns(hw.core_clock)
+        self.barrier_ns = hw.overheads.barrier.ns(hw.core_clock)
+        self.issue_ns = hw.cores.issue.ns(hw.core_clock)
+        self.launcher = simpy.Resource(self.env, capacity=1)
+        self.done: list[simpy.Event] = []
+        self.part_done: list[list[simpy.Event]] = []
+        self.start = [0.0] * len(tasks)
+        self.end = [0.0] * len(tasks)
+        self.slices: list[Slice] = []
+        self.events = 0
+
+    def _timeout(self, ns: float) -> simpy.Event:
+        self.events += 1
+        return self.env.timeout(ns)
+
+    def _part(self, index: int, part: Part, ready: simpy.Event) -> Process:
+        yield ready
+        env, machine = self.env, self.machine
+        begin = env.now
+        if self.issue_ns:
+            yield self._timeout(self.issue_ns)
+        unit = machine.units[(part.cores[0], part.unit)]
+        chunks = part.chunks
+        load = part.dram_load_bytes / chunks
+        store = part.dram_store_bytes / chunks
+        l2 = part.l2_bytes / chunks
+        compute = part.compute_ns / chunks
+        buffer = simpy.Store(env, capacity=1) if load or l2 else None
+        if buffer is not None:
+            env.process(self._loader(part, chunks, load, l2, buffer))
+        stores = []
+        for chunk in range(chunks):
+            if buffer is not None:
+                yield buffer.get()
+            with unit.request() as request:
+                yield request
+                started = env.now
+                yield self._timeout(compute + (part.latency_ns if chunk == 0 else 0.0))
+            if self.record:
+                self.slices.append(Slice(f"core{part.cores[0]}.{part.unit}", index, started,
+                                         env.now, ops=compute))
+            if store:
+                stores.append(env.process(machine.dram_transfer(store, part.size, part.channel)))
+        if stores:
+            yield simpy.AllOf(env, stores)
+        self.events += 2 * chunks
+        if self.record:
+            self.slices.append(Slice(f"dram{part.channel}", index, begin, env.now,
+                                     nbytes=(part.dram_load_bytes + part.dram_store_bytes)
+                                     * part.size))
+
+    def _loader(self, part: Part, chunks: int, load: float, l2: float,
+                buffer: simpy.Store) -> Process:
+        env, machine = self.env, self.machine
+        for chunk in range(chunks):
+            moves = []
+            if load:
+                moves.append(env.process(machine.dram_transfer(load, part.size, part.channel)))
+            if l2:
+                moves.append(env.process(machine.l2_transfer(l2, part.size)))
+            yield simpy.AllOf(env, moves) if len(moves) > 1 else moves[0]
+            yield buffer.put(chunk)
+        self.events += 3 * chunks
+
+    def _task(self, index: int, task: Task, prerequisites: list[simpy.Event],
+              lanes: list[list[simpy.Event]]) -> Process:
+        env = self.env
+        if prerequisites:
+            yield simpy.AllOf(env, prerequisites)
+        if self.launch_ns:
+            with self.launcher.request() as request:
+                yield request
+                yield self._timeout(self.launch_ns)
+        self.start[index] = env.now
+        go = env.event()
+        runs = []
+        for lane, part in enumerate(task.parts):
+            ready = simpy.AllOf(env, [go, *lanes[lane]]) if lanes and lanes[lane] else go
+            runs.append(env.process(self._part(index, part, ready)))
+        go.succeed()
+        for run, event in zip(runs, self.part_done[index], strict=True):
+            run.callbacks.append(lambda _e, ev=event: ev.succeed())
+        yield simpy.AllOf(env, runs)
+        if self.barrier_ns and len(task.parts) > 1 and not task.lane_deps:
+            yield self._timeout(self.barrier_ns)
+        self.end[index] = env.now
+
+    def run(self, host_bytes: float) -> Timeline:
+        env = self.env
+        host = env.process(self.machine.host_transfer(host_bytes))
+        for task in self.tasks:
+            self.part_done.append([env.event() for _ in task.parts])
+            self.done.append(env.event())
+        processes = []
+        overlap = self.hw.scheduling.overlap_ops
+        for index, task in enumerate(self.tasks):
+            deps = list(task.op.deps)
+            if not overlap and index > 0:
+                deps.append(index - 1)
+            lanes: list[list[simpy.Event]] = []
+            if task.lane_deps:
+                lanes = [[self.part_done[d][lane] for d in deps
+                          if lane < len(self.part_done[d])] for lane in range(len(task.parts))]
+                prerequisites = [host] if not deps else []
+            else:
+                prerequisites = [self.done[d] for d in deps] or [host]
+            process = env.process(self._task(index, task, prerequisites, lanes))
+            process.callbacks.append(lambda _e, ev=self.done[index]: ev.succeed())
+            processes.append(process)
+        env.run()
+        return Timeline(makespan_ns=env.now, op_start_ns=self.start, op_end_ns=self.end,
+                        usage=self.machine.usage, events=self.events, slices=self.slices)
+
+
+def simulate_tasks(hw: Hardware, tasks: list[Task], host_bytes: float = 0.0,
+                   record: bool = False) -> Timeline:
+    """Simulate `tasks` (in trace order) on `hw`; `record` keeps per-chunk slices."""
+    return _Run(hw, tasks, record).run(host_bytes)

@@ -1,0 +1,179 @@
+"""Find, read and validate a hardware YAML file, with errors that name file, line and field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from simulator.errors import UserError
+from simulator.hardware.schema import Hardware
+
+#: Largest hardware file we read; a machine description is a few KiB.
+MAX_FILE_BYTES = 1 << 20
+#: Largest number of YAML nodes after alias expansion (guards against "billion laughs").
+MAX_NODES = 100_000
+
+
+def shipped() -> list[str]:
+    """File names of the hardware descriptions shipped with the package."""
+    folder = resources.files("hwconfigs")
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def locate(name: str | Path) -> tuple[str, str]:
+    """Return (display name, text) of a hardware file given by path or shipped bare name."""
+    path = Path(name)
+    if path.is_file():
+        return str(path), _read(path, str(path))
+    if path.name == str(name):
+        candidates = [str(name), f"{name}.yaml"]
+        folder = resources.files("hwconfigs")
+        for candidate in candidates:
+            entry = folder.joinpath(candidate)
+            if entry.is_file():
+                return candidate, _decode(entry.read_bytes(), candidate)
+    if path.exists():
+        raise UserError(str(name), "is not a regular file; expected a hardware YAML file")
+    raise UserError(
+        "--hw", f"no hardware file '{name}'; expected a path or one of: {', '.join(shipped())}")
+
+
+def _read(path: Path, shown: str) -> str:
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise UserError(shown, f"is {size} bytes; a hardware file is at most {MAX_FILE_BYTES}")
+        return _decode(path.read_bytes(), shown)
+    except OSError as exc:
+        raise UserError(shown, f"cannot be read ({exc.strerror})") from None
+
+
+def _decode(data: bytes, shown: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(shown, f"byte {exc.start} is not valid UTF-8; expected a UTF-8 "
+                               "YAML text") from None
+
+
+def parse_yaml(text: str, shown: str) -> tuple[Any, yaml.Node | None]:
+    """Safe-load `text`, returning the data and its node tree (for line numbers)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _count_nodes(node, MAX_NODES) > MAX_NODES:
+            raise UserError(shown, f"expands to more than {MAX_NODES} YAML nodes "
+                                   "(aliases nested too deep)")
+        data = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise UserError(f"{shown}{line}", f"YAML syntax error: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(shown, f"YAML error: {exc}") from None
+    except RecursionError:
+        raise UserError(shown, "YAML nested too deeply") from None
+    return data, node
+
+
+def _count_nodes(root: yaml.Node, limit: int) -> int:
+    """Count nodes as if aliases were expanded, stopping once past `limit`."""
+    count, stack = 0, [root]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return count
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any], flag: str) -> None:
+    """Set dotted paths in `data` in place: {'clock': '54 MHz', 'cores.count': 8}."""
+    for path, value in overrides.items():
+        keys = path.split(".")
+        if not all(keys):
+            raise UserError(f"{flag} {path}", "expected a dotted path such as 'cores.count'")
+        target: Any = data
+        for depth, key in enumerate(keys[:-1]):
+            if not isinstance(target, dict) or key not in target:
+                where = ".".join(keys[: depth + 1])
+                raise UserError(f"{flag} {path}", f"'{where}' is not a section of the file")
+            target = target[key]
+        if not isinstance(target, dict):
+            raise UserError(f"{flag} {path}", f"'{'.'.join(keys[:-1])}' is not a section")
+        target[keys[-1]] = value
+
+
+def _line_of(node: yaml.Node | None, loc: Iterable[Any]) -> int | None:
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == str(key)), None)
+            if match is None:
+                match = next((k for k, v in node.value if k.value == str(key)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            match = node.value[key]
+        else:
+            match = None
+        if match is None:
+            break
+        node = match
+        line = node.start_mark.line + 1
+    return line
+
+
+def _describe(error: dict[str, Any]) -> str:
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key (check its spelling against `simulate schema`)"
+    if kind == "missing":
+        return "required field is missing"
+    return message.removeprefix("Value error, ")
+
+
+def validate(data: Any, shown: str, node: yaml.Node | None = None) -> Hardware:
+    """Validate parsed YAML into a Hardware, raising one UserError for the first problem."""
+    if not isinstance(data, dict):
+        raise UserError(shown, "expected a YAML mapping of hardware sections at top level")
+    try:
+        return Hardware.model_validate(data)
+    except ValidationError as exc:
+        # an unknown key first: a misspelt key also makes its real name look missing
+        error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        loc = [part for part in error["loc"] if not str(part).startswith("function-")]
+        field = ".".join(str(part) for part in loc) or "(top level)"
+        line = _line_of(node, loc)
+        where = f"{shown}:{line}" if line else shown
+        return _raise(f"{where}: {field}", _describe(error))
+
+
+def _raise(where: str, message: str) -> Hardware:
+    raise UserError(where, message)
+
+
+def load_hardware(name: str | Path, overrides: Mapping[str, Any] | None = None) -> Hardware:
+    """Load a hardware description by path or shipped name, applying dotted overrides."""
+    shown, text = locate(name)
+    data, node = parse_yaml(text, shown)
+    if overrides:
+        if not isinstance(data, dict):
+            raise UserError(shown, "expected a YAML mapping of hardware sections at top level")
+        apply_overrides(data, overrides, "--hw-set")
+    return validate(data, shown, node)
+
+
+def schema_json() -> str:
+    """The JSON Schema of the hardware format."""
+    schema = Hardware.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Hardware description (simulate)"
+    return json.dumps(schema, indent=2, sort_keys=True)

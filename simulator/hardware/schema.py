@@ -1,0 +1,235 @@
+"""The hardware description format: pydantic v2 models, validated once at load.
+
+Every quantity is a string with its unit, converted to an SI float on load
+(`Frequency` → Hz, `Bandwidth` → bytes/s, `Size` → bytes, `Bits` → bits,
+`Energy` → J, `Power` → W). A `Delay` may be given in time ("45 ns") or in cycles of
+the owning clock ("4 cycle"). Unknown keys are rejected so a typo never becomes a default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, NamedTuple
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    model_validator,
+)
+
+from simulator.units import UnitError, parse
+
+#: Data types a functional unit can be rated for.
+DType = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int32", "int8", "int4", "int2", "ternary"]
+#: Classes of traced ops a vector unit can be given (see simulator.workload.trace.OpKind).
+VectorClass = Literal["elementwise", "activation", "reduction", "norm", "recurrence", "softmax",
+                      "embedding", "memory"]
+UnitKind = Literal["matrix", "ternary", "vector"]
+
+
+def _quantity(dimension: str, *, positive: bool) -> object:
+    def convert(value: object) -> float:
+        try:
+            number = parse(value, dimension)  # type: ignore[arg-type]
+        except UnitError as exc:
+            raise ValueError(str(exc)) from None
+        if positive and number <= 0:
+            raise ValueError(f"'{value}' must be greater than zero")
+        if number < 0:
+            raise ValueError(f"'{value}' must not be negative")
+        return number
+
+    return BeforeValidator(convert)
+
+
+def _schema(dimension: str, example: str) -> WithJsonSchema:
+    return WithJsonSchema(
+        {"type": "string", "description": f"{dimension} with unit, e.g. '{example}'",
+         "examples": [example]}
+    )
+
+
+Frequency = Annotated[float, _quantity("frequency", positive=True), _schema("frequency", "60 MHz")]
+Bandwidth = Annotated[float, _quantity("bandwidth", positive=True),
+                      _schema("bandwidth", "19.2 GB/s")]
+Size = Annotated[float, _quantity("size", positive=True), _schema("size", "32 GiB")]
+Bits = Annotated[float, _quantity("bits", positive=True), _schema("bits", "512 bit")]
+Energy = Annotated[float, _quantity("energy", positive=False), _schema("energy", "0.9 pJ")]
+Power = Annotated[float, _quantity("power", positive=False), _schema("power", "13.4 W")]
+Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+
+
+class Delay(NamedTuple):
+    """A delay given in seconds, in cycles of the owning clock, or both added."""
+
+    seconds: float = 0.0
+    cycles: float = 0.0
+
+    def ns(self, clock_hz: float) -> float:
+        """The delay in nanoseconds at `clock_hz`."""
+        return self.seconds * 1e9 + self.cycles / clock_hz * 1e9
+
+
+def _delay(value: object) -> Delay:
+    if isinstance(value, Delay):
+        return value
+    try:
+        return Delay(seconds=parse(value, "time"))  # type: ignore[arg-type]
+    except UnitError:
+        pass
+    try:
+        cycles = parse(value, "cycles")  # type: ignore[arg-type]
+    except UnitError:
+        raise ValueError(f"expected a time or a cycle count with unit, e.g. '45 ns' or "
+                         f"'4 cycle', not '{value}'") from None
+    if cycles < 0:
+        raise ValueError(f"'{value}' must not be negative")
+    return Delay(cycles=cycles)
+
+
+def _non_negative_delay(delay: Delay) -> Delay:
+    if delay.seconds < 0:
+        raise ValueError("a delay must not be negative")
+    return delay
+
+
+DelayField = Annotated[
+    Delay,
+    BeforeValidator(_delay),
+    AfterValidator(_non_negative_delay),
+    PlainSerializer(lambda d: d._asdict()),
+    WithJsonSchema({"type": "string", "description": "time or cycles with unit, e.g. '45 ns'",
+                    "examples": ["45 ns", "4 cycle"]}),
+]
+
+
+class Strict(BaseModel):
+    """Base of every section: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Unit(Strict):
+    """A functional unit inside a core.
+
+    `ops_per_cycle` counts operations per cycle per data type: FLOPs for a matrix unit
+    (a multiply-accumulate is 2), add/sub per weight for a ternary unit, elements for a
+    vector unit.
+    """
+
+    kind: UnitKind
+    ops_per_cycle: dict[DType, Rate] = Field(min_length=1)
+    latency: DelayField = Delay()
+    handles: tuple[VectorClass, ...] | None = Field(
+        default=None, description="vector units only: op classes this unit executes")
+    stages: int = Field(default=1, ge=1, le=64,
+                        description="sequential passes over the data per op (RMS unit: 3)")
+    slow_ops: dict[str, Rate] = Field(
+        default_factory=dict,
+        description="cycles per element for costly functions by name (exp, sigmoid, div...)")
+
+
+class Cores(Strict):
+    count: int = Field(ge=1, le=100_000)
+    clock: Frequency | None = None
+    units: dict[str, Unit] = Field(min_length=1)
+    sram: Size = Field(description="on-chip tile buffer/register file per core")
+    issue: DelayField = Field(default=Delay(), description="per op issued on a core")
+
+
+class Dram(Strict):
+    kind: str
+    channels: int = Field(ge=1, le=4096)
+    bandwidth_per_channel: Bandwidth
+    efficiency: Fraction = 1.0
+    latency: DelayField = Delay()
+    capacity: Size
+    access_width: Bits = Field(description="bits one core moves per access")
+    access_interval: DelayField = Field(
+        default=Delay(cycles=1), description="core cycles between two accesses of one core")
+    burst: Size = Field(description="bytes one access occupies a channel for, at least")
+    interleave: bool = Field(
+        default=False,
+        description="true: every core's traffic spreads over all channels; "
+                    "false: core i uses channel i mod channels")
+
+
+class L2(Strict):
+    capacity: Size
+    bandwidth: Bandwidth
+
+
+class Memory(Strict):
+    dram: Dram
+    l2: L2 | None = None
+
+
+class HostLink(Strict):
+    bandwidth: Bandwidth
+    latency: DelayField = Delay()
+
+
+class Overheads(Strict):
+    launch: DelayField = Field(default=Delay(), description="per op (kernel) launch, serial")
+    barrier: DelayField = Field(default=Delay(), description="cross-core sync after a split op")
+
+
+class Scheduling(Strict):
+    overlap_ops: bool = Field(
+        default=False, description="independent ops may run concurrently on free units")
+    fused_attention: bool = Field(
+        default=False, description="attention as one fused kernel (O(N·d) DRAM traffic)")
+    resident_activations: bool = Field(
+        default=False,
+        description="activations that fit a core's SRAM stay there between ops (register "
+                    "file of a custom core); false: every op reads and writes them (GPU kernels)")
+
+
+class ByteEnergy(Strict):
+    dram: Energy
+    l2: Energy = 0.0
+    sram: Energy = 0.0
+    host: Energy = 0.0
+
+
+class PowerModel(Strict):
+    idle: Power = Field(description="platform power with every core idle")
+    per_core: Power = Field(default=0.0, description="static power of each active core")
+    op_energy: dict[UnitKind, dict[DType | Literal["default"], Energy]]
+    byte_energy: ByteEnergy
+    tdp: Power | None = None
+
+
+class Hardware(Strict):
+    """One machine."""
+
+    name: str
+    description: str = ""
+    clock: Frequency
+    cores: Cores
+    memory: Memory
+    host_link: HostLink | None = None
+    overheads: Overheads = Overheads()
+    scheduling: Scheduling = Scheduling()
+    power: PowerModel
+
+    @model_validator(mode="after")
+    def _energies_cover_units(self) -> Hardware:
+        for name, unit in self.cores.units.items():
+            table = self.power.op_energy.get(unit.kind, {})
+            for dtype in unit.ops_per_cycle:
+                if dtype not in table and "default" not in table:
+                    raise ValueError(
+                        f"power.op_energy.{unit.kind} has no energy for {dtype} "
+                        f"(used by cores.units.{name}); give '{dtype}' or 'default'")
+        return self
+
+    @property
+    def core_clock(self) -> float:
+        """Core clock in Hz."""
+        return self.cores.clock or self.clock

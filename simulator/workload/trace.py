@@ -1,0 +1,94 @@
+"""A Trace: the ops of one model step, with dependencies, bytes and operation counts.
+
+A value (frozen dataclasses of plain types), saved and loaded as JSON without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+OpKind = Literal["matmul", "ternary_matmul", "attention", "norm", "recurrence", "softmax",
+                 "reduction", "activation", "elementwise", "embedding", "memory"]
+Phase = Literal["decode", "prefill"]
+#: Op kinds that run on a matrix or ternary unit; all others run on a vector unit.
+MATRIX_KINDS = frozenset({"matmul", "ternary_matmul", "attention"})
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Op:
+    """One traced op.
+
+    `ops`: operations (FLOPs for matmul/attention, add/sub per weight for ternary matmul,
+    elements per pass for vector ops). Byte fields count what the op reads and writes:
+    weights, state (KV cache/recurrent), activations in and out. `dims` holds the shape
+    facts the mapping needs (m/n/k for matmuls; batch/heads/q_len/kv_len/head_dim for
+    attention; numel/rows for vector ops). `deps` are the indices of producer ops.
+    """
+
+    index: int
+    name: str
+    fn: str
+    kind: OpKind
+    module: str
+    layer: str
+    dtype: str
+    ops: int
+    weight_bytes: int
+    state_read_bytes: int
+    state_write_bytes: int
+    input_bytes: int
+    output_bytes: int
+    dims: dict[str, int]
+    deps: tuple[int, ...]
+    shapes: str
+
+    @property
+    def bytes(self) -> int:
+        """All bytes the op moves, wherever they live."""
+        return (self.weight_bytes + self.state_read_bytes + self.state_write_bytes
+                + self.input_bytes + self.output_bytes)
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The ops of one step (a decode step or a whole prefill) of one model."""
+
+    model: str
+    model_key: str
+    phase: Phase
+    batch: int
+    context: int
+    prompt: int
+    tokens: int
+    weights_bytes: int
+    state_bytes: int
+    activation_bytes: int
+    ops: tuple[Op, ...] = field(default_factory=tuple)
+
+    def layers(self) -> list[str]:
+        """Layer names in model order (first appearance)."""
+        return list(dict.fromkeys(op.layer for op in self.ops))
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["format"] = FORMAT_VERSION
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Trace:
+        data = json.loads(text)
+        if data.pop("format", None) != FORMAT_VERSION:
+            raise ValueError("trace format version mismatch")
+        ops = tuple(Op(**{**op, "deps": tuple(op["deps"])}) for op in data.pop("ops"))
+        return cls(**data, ops=ops)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trace:
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,94 @@
+"""Transformer++ (Llama-2 architecture): RMSNorm, RoPE, grouped KV heads, SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workloads import ops
+from workloads.config import ModelConfig
+from workloads.norm import RMSNorm
+from workloads.state import State
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.layer_idx, self.heads, self.kv_heads, self.head_dim = (
+            layer_idx, cfg.num_attention_heads, cfg.kv_heads, hd)
+        self.q_proj = nn.Linear(d, self.heads * hd, bias=False, dtype=dtype)
+        self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=False, dtype=dtype)
+        self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(self.heads * hd, d, bias=False, dtype=dtype)
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        positions = torch.arange(state.position, state.position + t, device=x.device)
+        angles = torch.outer(positions.float(), self.inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        keys, values = state.keys[self.layer_idx], state.values[self.layer_idx]
+        end = state.position + t
+        keys[:, :, state.position:end].copy_(k)
+        values[:, :, state.position:end].copy_(v)
+        out = ops.attention(q, keys[:, :, :end], values[:, :, :end], t > 1)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        d, i = cfg.hidden_size, cfg.ffn_size
+        self.gate_proj = nn.Linear(d, i, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(d, i, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(i, d, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = Attention(cfg, layer_idx, dtype)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = SwiGLU(cfg, dtype)
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), state)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        dtype = getattr(torch, cfg.torch_dtype)
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(LlamaBlock(cfg, i, dtype)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, state: State) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, state)
+        return self.lm_head(self.norm(x))

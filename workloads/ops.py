@@ -1,0 +1,98 @@
+"""Custom ops (torch.library) that the trace must see whole, not decomposed.
+
+- `mmsim::ternary_matmul`: int8 activations × 2-bit packed ternary weights → int32.
+- `mmsim::rms_norm`: RMSNorm with a per-channel weight (the FPGA has an RMS unit).
+- `mmsim::attention`: scaled dot-product attention with grouped KV heads; the mapping
+  decides per machine whether it runs fused (FlashAttention-2) or unfused.
+- `mmsim::hgrn_scan`: the MLGRU recurrence h_t = f_t ⊙ h_{t−1} + c_t over a sequence.
+
+Each has an exact reference implementation on real tensors and a fake (meta) one for traces.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: 2-bit codes of the ternary values: 0 → 0b00, +1 → 0b01, −1 → 0b10.
+WEIGHTS_PER_BYTE = 4
+
+
+def pack_ternary(weights: torch.Tensor) -> torch.Tensor:
+    """Pack an (N, K) tensor of {−1, 0, 1} into (N, ⌈K/4⌉) uint8, 4 weights a byte, LSB first."""
+    n, k = weights.shape
+    codes = torch.where(weights < 0, 2, weights.to(torch.int64)).to(torch.uint8)
+    padded = torch.zeros(n, -(-k // WEIGHTS_PER_BYTE) * WEIGHTS_PER_BYTE, dtype=torch.uint8,
+                         device=weights.device)
+    padded[:, :k] = codes
+    groups = padded.view(n, -1, WEIGHTS_PER_BYTE)
+    packed = groups[..., 0] | groups[..., 1] << 2 | groups[..., 2] << 4 | groups[..., 3] << 6
+    return packed.contiguous()
+
+
+def unpack_ternary(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of `pack_ternary`: (N, ⌈K/4⌉) uint8 → (N, K) int8 in {−1, 0, 1}."""
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & 3
+    values = torch.where(codes == 2, -1, codes.to(torch.int64)).to(torch.int8)
+    return values.reshape(packed.shape[0], -1)[:, :k]
+
+
+@torch.library.custom_op("mmsim::ternary_matmul", mutates_args=())
+def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, k: int) -> torch.Tensor:
+    """int8 (…, K) × ternary (N, K) packed → int32 (…, N): y = x · Wᵀ."""
+    weights = unpack_ternary(packed, k).to(torch.int64)
+    return (x.to(torch.int64) @ weights.T).to(torch.int32)
+
+
+@ternary_matmul.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, k: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=torch.int32)
+
+
+@torch.library.custom_op("mmsim::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) · weight over the last dimension, computed in fp32."""
+    xf = x.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return out.to(x.dtype)
+
+
+@rms_norm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mmsim::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """softmax(q kᵀ/√d) v with q (B, H, Sq, D), k/v (B, Hkv, Sk, D); causal aligns ends."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    mask = None
+    if causal:
+        sq, sk = q.shape[2], k.shape[2]
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("mmsim::hgrn_scan", mutates_args=())
+def hgrn_scan(f: torch.Tensor, c: torch.Tensor, h0: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t = f_t ⊙ h_{t−1} + c_t over time (dim 1) in fp32; returns (h for every t, h_T)."""
+    h = h0.float()
+    outputs = []
+    for t in range(f.shape[1]):
+        h = f[:, t].float() * h + c[:, t].float()
+        outputs.append(h)
+    return torch.stack(outputs, dim=1).to(f.dtype), h
+
+
+@hgrn_scan.register_fake
+def _(f: torch.Tensor, c: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(f), torch.empty_like(h0, dtype=torch.float32)
