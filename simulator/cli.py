@@ -4,6 +4,7 @@
     simulate schema                 JSON Schema of the hardware format
     simulate trace --model M -o F   write a model's op trace for inspection
     simulate list                   shipped machines and model presets
+    simulate validate               published reference cases: paper vs simulated
 
 Every bad input ends in one line on stderr and exit status 2.
 """
@@ -19,7 +20,7 @@ import yaml
 
 from simulator.errors import UserError
 
-COMMANDS = ("schema", "trace", "list")
+COMMANDS = ("schema", "trace", "list", "validate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -137,11 +138,36 @@ def _list(argv: Sequence[str]) -> int:
     return 0
 
 
+def _validate(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="simulate validate",
+                     description="Compare the simulator with published reference values.")
+    parser.add_argument("files", nargs="*", help="case files (default: every shipped one)")
+    parser.add_argument("--case", action="append", default=[], help="only these case ids")
+    parser.add_argument("--format", default="table", choices=("table", "json"))
+    args = parser.parse_args(argv)
+    from simulator.validation.cases import load_cases, run_cases, shipped_case_files
+    from simulator.validation.render import render_table, to_json
+
+    cases = [case for path in (args.files or shipped_case_files()) for case in load_cases(path)]
+    if args.case:
+        unknown = set(args.case) - {case.id for case in cases}
+        if unknown:
+            raise UserError("--case", f"unknown case id(s): {', '.join(sorted(unknown))}")
+        cases = [case for case in cases if case.id in args.case]
+    outcomes = run_cases(cases)
+    if args.format == "json":
+        print(to_json(outcomes))
+    else:
+        render_table(outcomes)
+    return 0 if all(outcome.passed for outcome in outcomes) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `simulate` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
-    handler = {"schema": _schema, "trace": _trace, "list": _list}.get(command or "", _run)
+    handler = {"schema": _schema, "trace": _trace, "list": _list,
+               "validate": _validate}.get(command or "", _run)
     try:
         return handler(argv[1:] if command else argv)
     except UserError as exc:

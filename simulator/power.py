@@ -39,7 +39,9 @@ def energy(hw: Hardware, tasks: list[Task], timeline: Timeline) -> Energy:
     """Energy of `timeline`; static power accrues over the whole makespan."""
     seconds = timeline.makespan_ns * 1e-9
     cores_used = max((max(p.cores) + 1 for t in tasks for p in t.parts), default=1)
-    static = (hw.power.idle + hw.power.per_core * min(cores_used, hw.cores.count)) * seconds
+    logic = hw.power.logic.full * hw.power.logic.utilisation if hw.power.logic else 0.0
+    static = (hw.power.idle + logic
+              + hw.power.per_core * min(cores_used, hw.cores.count)) * seconds
     per_byte = hw.power.byte_energy
     dram_per_byte = per_byte.dram
     activated_ratio = (timeline.usage.dram_activated_bytes / timeline.usage.dram_bytes

@@ -66,6 +66,7 @@ class Result:
     state_bytes: int
     activation_bytes: int
     dram_bytes: float
+    host_transfer_s: float
     channel_utilisation: dict[str, float]
     events: int
     layers: tuple[LayerResult, ...]
@@ -149,4 +150,5 @@ def build_result(hw: Hardware, trace: Trace, tasks: list[Task], timeline: Timeli
         memory_bytes=trace.weights_bytes + trace.state_bytes + trace.activation_bytes,
         weights_bytes=trace.weights_bytes, state_bytes=trace.state_bytes,
         activation_bytes=trace.activation_bytes, dram_bytes=timeline.usage.dram_bytes,
+        host_transfer_s=timeline.usage.busy_ns.get("host", 0.0) * 1e-9,
         channel_utilisation=busy, events=timeline.events, layers=layers, ops=ops, notes=notes)

@@ -47,6 +47,7 @@ def render(result: Result, console: Console | None = None) -> None:
         ("  state (KV cache / recurrent)", _bytes(result.state_bytes)),
         ("  activations (peak)", _bytes(result.activation_bytes)),
         ("DRAM traffic", _bytes(result.dram_bytes)),
+        ("host → device input", _si(result.host_transfer_s, "s")),
         ("utilisation", "  ".join(f"{k} {v:.0%}" for k, v in result.channel_utilisation.items())),
     ]
     for name, value in rows:

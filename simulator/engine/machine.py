@@ -5,6 +5,7 @@ Time inside the engine is in nanoseconds (floats), everywhere.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,29 @@ class Usage:
         self.busy_ns[track] = self.busy_ns.get(track, 0.0) + ns
 
 
+def cores_per_channel(hw: Hardware) -> int:
+    """Cores attached to the busiest DRAM channel (1 where traffic interleaves)."""
+    dram = hw.memory.dram
+    return 1 if dram.interleave else math.ceil(hw.cores.count / dram.channels)
+
+
+def host_transfer_ns(hw: Hardware, nbytes: float) -> float:
+    """Time to move `nbytes` from the host into device DRAM, in ns.
+
+    Link latency + one fixed cost per write transaction (8-byte MMIO writes on the FPGA)
+    + bytes over the link bandwidth, all slowed by the DRAM arbitration logic, which
+    grows by `arbitration_growth` for each further core attached to a channel.
+    """
+    link = hw.host_link
+    if link is None or nbytes <= 0:
+        return 0.0
+    clock = hw.core_clock
+    writes = math.ceil(nbytes / link.transaction) if link.transaction else 1
+    base = (link.latency.ns(clock) + writes * link.transaction_time.ns(clock)
+            + nbytes / link.bandwidth * 1e9)
+    return base * hw.memory.dram.arbitration_growth ** (cores_per_channel(hw) - 1)
+
+
 class Machine:
     """SimPy resources of one `Hardware`, and the processes that move bytes through them."""
 
@@ -43,6 +67,8 @@ class Machine:
         self.dram = [simpy.Resource(env, capacity=1) for _ in range(self.channels)]
         self.units = {(core, name): simpy.Resource(env, capacity=1)
                       for core in range(hw.cores.count) for name in hw.cores.units}
+        #: each core's load-store port: one access per `access_interval`, shared by its ops
+        self.ports = [simpy.Resource(env, capacity=1) for _ in range(hw.cores.count)]
         self.l2 = simpy.Resource(env, capacity=1) if hw.memory.l2 else None
         self.host = simpy.Resource(env, capacity=1)
         access_bytes = dram.access_width / 8
@@ -55,25 +81,30 @@ class Machine:
         self.l2_ns_per_byte = 1e9 / hw.memory.l2.bandwidth if hw.memory.l2 else 0.0
         self.usage = Usage()
 
-    def dram_transfer(self, nbytes: float, cores: int, channel: int) -> Process:
-        """`cores` identical cores each move `nbytes` over `channel`.
+    def dram_transfer(self, nbytes: float, cores: tuple[int, ...], channel: int) -> Process:
+        """Identical `cores` each move `nbytes` over `channel` through their own port.
 
-        The channel is held for the accesses of all of them; each core's own port
-        (access width × access interval) bounds how fast it can go on its own.
+        A core's port is held for its accesses (access width × access interval), so ops
+        on one core share it; the channel is held for the accesses of the whole group,
+        each occupying at least a burst, so cores on one channel contend.
         """
         env = self.env
         accesses = nbytes / self.access_bytes
-        start = env.now
-        occupied = cores * accesses * self.occupancy_ns
-        with self.dram[channel].request() as request:
-            yield request
-            yield env.timeout(occupied)
+        occupied = len(cores) * accesses * self.occupancy_ns
+        with self.ports[cores[0]].request() as port:
+            yield port
+            start = env.now
+            with self.dram[channel].request() as request:
+                yield request
+                yield env.timeout(occupied)
+            remaining = start + accesses * self.interval_ns - env.now
+            if remaining > 0:
+                yield env.timeout(remaining)
         self.usage.add(f"dram{channel}", occupied)
-        self.usage.dram_bytes += cores * nbytes
-        self.usage.dram_activated_bytes += cores * accesses * max(
+        self.usage.dram_bytes += len(cores) * nbytes
+        self.usage.dram_activated_bytes += len(cores) * accesses * max(
             self.access_bytes, self.hw.memory.dram.burst)
-        remaining = start + accesses * self.interval_ns - env.now
-        yield env.timeout(max(0.0, remaining) + self.dram_latency_ns)
+        yield env.timeout(self.dram_latency_ns)
 
     def l2_transfer(self, nbytes: float, cores: int) -> Process:
         """`cores` identical cores each move `nbytes` through the shared L2."""
@@ -87,13 +118,12 @@ class Machine:
 
     def host_transfer(self, nbytes: float) -> Process:
         """Host → device copy over the host link, written into DRAM channel 0."""
-        link = self.hw.host_link
-        if link is None or nbytes <= 0:
+        held = host_transfer_ns(self.hw, nbytes)
+        if held <= 0:
             return
-        held = nbytes / link.bandwidth * 1e9
         with self.host.request() as request:
             yield request
-            yield self.env.timeout(link.latency.ns(self.hw.core_clock) + held)
+            yield self.env.timeout(held)
         self.usage.add("host", held)
         self.usage.host_bytes += nbytes
         written = nbytes * self.channel_ns_per_byte  # the host writes full bursts

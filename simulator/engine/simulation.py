@@ -89,7 +89,7 @@ class _Run:
                 self.slices.append(Slice(f"core{part.cores[0]}.{part.unit}", index, started,
                                          env.now, ops=compute))
             if store:
-                stores.append(env.process(machine.dram_transfer(store, part.size, part.channel)))
+                stores.append(env.process(machine.dram_transfer(store, part.cores, part.channel)))
         if stores:
             yield simpy.AllOf(env, stores)
         self.events += 2 * chunks
@@ -104,7 +104,7 @@ class _Run:
         for chunk in range(chunks):
             moves = []
             if load:
-                moves.append(env.process(machine.dram_transfer(load, part.size, part.channel)))
+                moves.append(env.process(machine.dram_transfer(load, part.cores, part.channel)))
             if l2:
                 moves.append(env.process(machine.l2_transfer(l2, part.size)))
             yield simpy.AllOf(env, moves) if len(moves) > 1 else moves[0]

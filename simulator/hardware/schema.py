@@ -153,6 +153,10 @@ class Dram(Strict):
     access_interval: DelayField = Field(
         default=Delay(cycles=1), description="core cycles between two accesses of one core")
     burst: Size = Field(description="bytes one access occupies a channel for, at least")
+    arbitration_growth: float = Field(
+        default=1.0, ge=1.0, le=16.0, allow_inf_nan=False,
+        description="host-path latency factor per additional core sharing a channel "
+                    "(arbitration and buffering logic doubling per core: 2)")
     interleave: bool = Field(
         default=False,
         description="true: every core's traffic spreads over all channels; "
@@ -172,6 +176,9 @@ class Memory(Strict):
 class HostLink(Strict):
     bandwidth: Bandwidth
     latency: DelayField = Delay()
+    transaction: Size | None = Field(
+        default=None, description="bytes per host write (8 B for MMIO); none: one DMA")
+    transaction_time: DelayField = Field(default=Delay(), description="cost of each write")
 
 
 class Overheads(Strict):
@@ -197,8 +204,16 @@ class ByteEnergy(Strict):
     host: Energy = 0.0
 
 
+class LogicPower(Strict):
+    """Static power of programmable logic in proportion to how much of it a design uses."""
+
+    utilisation: Fraction = Field(description="fraction of the logic (ALMs) the design uses")
+    full: Power = Field(description="static power of the whole logic fabric in use")
+
+
 class PowerModel(Strict):
     idle: Power = Field(description="platform power with every core idle")
+    logic: LogicPower | None = None
     per_core: Power = Field(default=0.0, description="static power of each active core")
     op_energy: dict[UnitKind, dict[DType | Literal["default"], Energy]]
     byte_energy: ByteEnergy
