@@ -5,6 +5,7 @@
     simulate trace --model M -o F   write a model's op trace for inspection
     simulate list                   shipped machines and model presets
     simulate validate               published reference cases: paper vs simulated
+    simulate op gemm|attention ...  one kernel: latency_s, flops, bytes_moved, tflops
 
 Every bad input ends in one line on stderr and exit status 2.
 """
@@ -12,6 +13,7 @@ Every bad input ends in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -20,7 +22,7 @@ import yaml
 
 from simulator.errors import UserError
 
-COMMANDS = ("schema", "trace", "list", "validate")
+COMMANDS = ("schema", "trace", "list", "validate", "op")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -162,12 +164,58 @@ def _validate(argv: Sequence[str]) -> int:
     return 0 if all(outcome.passed for outcome in outcomes) else 1
 
 
+def _op(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="simulate op", description="Simulate one kernel.")
+    kernels = parser.add_subparsers(dest="kernel", required=True, parser_class=_Parser)
+    gemm = kernels.add_parser("gemm", help="C = A·B")
+    for name in ("m", "n", "k"):
+        gemm.add_argument(f"--{name}", type=int, required=True)
+    gemm.add_argument("--batch", type=int, default=1)
+    gemm.add_argument("--dtype", default="bf16")
+    attention = kernels.add_parser("attention", help="scaled dot-product attention")
+    attention.add_argument("--batch", type=int, required=True)
+    attention.add_argument("--heads", type=int, required=True)
+    attention.add_argument("--seq", type=int, required=True)
+    attention.add_argument("--head-dim", type=int, required=True)
+    attention.add_argument("--causal", action="store_true")
+    attention.add_argument("--backward", action="store_true", help="the backward pass")
+    attention.add_argument("--unfused", action="store_true",
+                           help="materialised scores even where fused kernels exist")
+    attention.add_argument("--dtype", default="bf16")
+    for sub in (gemm, attention):
+        sub.add_argument("--hw", required=True)
+        sub.add_argument("--hw-set", action="append", default=[], metavar="PATH=VALUE")
+        sub.add_argument("--format", default="table", choices=("table", "json"))
+    args = parser.parse_args(argv)
+    from simulator.hardware import load_hardware
+    from simulator.kernel import attention_flops, attention_op, gemm_op, run_op
+
+    overrides = _pairs(args.hw_set, "--hw-set", True)
+    if args.kernel == "attention" and args.unfused:
+        overrides["scheduling.fused_attention"] = False
+    hw = load_hardware(args.hw, overrides)
+    if args.kernel == "gemm":
+        result = run_op(hw, gemm_op(args.m, args.n, args.k, args.dtype, args.batch))
+    else:
+        op = attention_op(args.batch, args.heads, args.seq, args.head_dim, args.causal,
+                          args.backward, args.dtype)
+        result = run_op(hw, op, attention_flops(args.batch, args.heads, args.seq,
+                                                args.head_dim, args.causal, args.backward))
+    if args.format == "json":
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(f"{result.kernel} {result.shape} on {result.hardware}: "
+              f"{result.latency_s * 1e6:.4g} us, {result.tflops:.4g} TFLOP/s, "
+              f"{result.bytes_moved / 1e6:.4g} MB from DRAM")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `simulate` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     handler = {"schema": _schema, "trace": _trace, "list": _list,
-               "validate": _validate}.get(command or "", _run)
+               "validate": _validate, "op": _op}.get(command or "", _run)
     try:
         return handler(argv[1:] if command else argv)
     except UserError as exc:

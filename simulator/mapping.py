@@ -1,4 +1,4 @@
-"""Mapping: each traced op → per-core parts of work, tiled by on-chip memory.
+"""Mapping: each traced op → kernels (stages) of per-core parts of work.
 
 Two ways to use many cores:
 - `tensor`: every op is split across cores along its parallel dimension (output features
@@ -7,10 +7,14 @@ Two ways to use many cores:
 - `batch`: each core runs whole ops for its own sequences (the MatMul-free FPGA paper's
   projection); every core streams the full weights, and a core waits only for itself.
 
+On machines whose matrix unit lists thread-block `tiles` (GPUs), matmuls and attention
+are tiled instead (simulator.tiling): waves of tiles, split-K, FlashAttention-2 blocks,
+or unfused attention as its separate kernels.
+
 Cores given identical work on the same DRAM channels form one group, simulated once with
 its traffic multiplied by the group size (exact for identical, simultaneously started
 work under fair sharing; it keeps 108-SM GPUs cheap). Work is cut into at most
-`granularity` chunks per part, each a coalesced run of SRAM-sized tiles.
+`granularity` chunks per part, each a coalesced run of tiles.
 """
 
 from __future__ import annotations
@@ -21,13 +25,17 @@ from typing import Literal
 
 from simulator.errors import UserError
 from simulator.hardware.schema import Hardware, Unit
+from simulator.hardware.select import rate, unit_for, vector_ns
+from simulator.tiling import DTYPE_BYTES, CoreWork, flash_work, gemm_work
 from simulator.workload.trace import Op, Trace
 
 Mapping = Literal["tensor", "batch"]
 #: Default cap on coalesced chunks per part (see the engine's granularity knob).
 DEFAULT_GRANULARITY = 8
-#: Element operations per attention score pair on the vector unit (max, sub, sum, scale).
+#: Element operations per attention score on the vector unit (max, sub, sum, scale).
 SOFTMAX_OPS_PER_SCORE = 4
+#: Passes over the scores of an unfused softmax forward, and over P and dP backward.
+SOFTMAX_READS, SOFTMAX_BACKWARD_READS = 3, 2
 
 
 @dataclass(frozen=True)
@@ -50,16 +58,28 @@ class Part:
         return len(self.cores)
 
 
+Stage = tuple[Part, ...]
+
+
 @dataclass(frozen=True)
 class Task:
-    """An op as the engine runs it: its parts, and which producer parts it waits for."""
+    """An op as the engine runs it: one or more kernels (stages) run one after another."""
 
     op: Op
-    parts: tuple[Part, ...]
+    stages: tuple[Stage, ...]
     unit_kind: str
     rate_key: str
     energy_ops: float
     lane_deps: bool
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return tuple(part for stage in self.stages for part in stage)
+
+    @property
+    def cores(self) -> int:
+        """Cores busy in the widest stage."""
+        return max(sum(part.size for part in stage) for stage in self.stages)
 
 
 @dataclass(frozen=True)
@@ -100,85 +120,33 @@ def _shares(op: Op, hw: Hardware, mapping: Mapping, batch: int) -> list[_Share]:
     return [_Share(n / extent, n / extent, n / extent) for n in _split(extent, cores)]
 
 
-def _vector_unit(hw: Hardware, kind: str) -> tuple[str, Unit] | None:
-    for name, unit in hw.cores.units.items():
-        if unit.kind == "vector" and (unit.handles is None or kind in unit.handles):
-            return name, unit
-    return None
+def _step_latency_ns(hw: Hardware, unit: Unit) -> float:
+    """One dependent step of a recurrence: the unit's pipeline plus fetching its inputs."""
+    fetch = hw.memory.l2.latency if hw.memory.l2 else hw.memory.dram.latency
+    return unit.latency.ns(hw.core_clock) + fetch.ns(hw.core_clock)
 
 
-def _of_kind(hw: Hardware, kind: str, dtype: str) -> tuple[str, Unit] | None:
-    for name, unit in hw.cores.units.items():
-        if unit.kind == kind and dtype in unit.ops_per_cycle:
-            return name, unit
-    return None
-
-
-def _rate(unit: Unit, dtype: str) -> tuple[str, float]:
-    if dtype in unit.ops_per_cycle:
-        return dtype, unit.ops_per_cycle[dtype]
-    key = "fp32" if "fp32" in unit.ops_per_cycle else min(unit.ops_per_cycle,
-                                                           key=unit.ops_per_cycle.__getitem__)
-    return key, unit.ops_per_cycle[key]
-
-
-def _unit_for(op: Op, hw: Hardware) -> tuple[str, Unit, float]:
-    """The unit that runs `op` and the factor from op counts to that unit's rated ops."""
-    if op.kind == "ternary_matmul":
-        # a ternary add is one int8 multiply-accumulate (2 ops) on a matrix unit
-        for kind, dtype, factor in (("ternary", "ternary", 1.0), ("matrix", "int8", 2.0)):
-            found = _of_kind(hw, kind, dtype)
-            if found:
-                return found[0], found[1], factor
-    elif op.kind in {"matmul", "attention"}:
-        found = _of_kind(hw, "matrix", op.dtype)
-        if found:
-            return found[0], found[1], 1.0
-        found = _vector_unit(hw, "elementwise")
-        if found:
-            return found[0], found[1], 0.5  # an FMA (2 FLOPs) is one vector element-op
-    else:
-        found = _vector_unit(hw, op.kind)
-        if found:
-            return found[0], found[1], 1.0
-    raise UserError(f"{hw.name}: cores.units",
-                    f"no unit can execute {op.kind} ({op.dtype}) of {op.module or op.name}")
-
-
-def _vector_ns(hw: Hardware, elements: float, fn: str, kind: str, dtype: str) -> float:
-    found = _vector_unit(hw, kind)
-    if found is None:
-        raise UserError(f"{hw.name}: cores.units", f"no vector unit for the {kind} of attention")
-    _, unit = found
-    _, rate = _rate(unit, dtype)
-    return elements * unit.stages * unit.slow_ops.get(fn, 1.0) / rate / hw.core_clock * 1e9
-
-
-def _tile_chunks(nbytes: float, sram: float, granularity: int) -> int:
+def _chunks(nbytes: float, sram: float, granularity: int) -> int:
     if nbytes <= 0:
         return 1
     tiles = math.ceil(nbytes / max(1.0, sram / 2))  # half the SRAM: double buffering
     return max(1, min(tiles, granularity))
 
 
-def map_op(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: int) -> Task:
-    """Split `op` into per-core parts on `hw`."""
-    unit_name, unit, factor = _unit_for(op, hw)
-    rate_key, rate = _rate(unit, "ternary" if unit.kind == "ternary" else op.dtype)
+def _generic(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: int,
+             unit_name: str, unit: Unit, factor: float, per_cycle: float) -> Stage:
+    """Split an op across cores by shares (no tiling), placing bytes by where they fit."""
     clock = hw.core_clock
     l2 = hw.memory.l2
-    unfused = op.kind == "attention" and not hw.scheduling.fused_attention
     score_bytes = 0.0
-    if unfused:  # scores S and probabilities P written and read back: 4 passes
-        d = op.dims
+    if op.kind == "attention" and not hw.scheduling.fused_attention:
+        d = op.dims  # scores S and probabilities P written and read back: 4 passes
         score_bytes = 4.0 * d["batch"] * d["heads"] * d["q_len"] * d["kv_len"] * 2
-
     shares = _shares(op, hw, mapping, batch)
     groups: dict[tuple[_Share, int], list[int]] = {}
     for core, share in enumerate(shares):
         channel = 0 if hw.memory.dram.interleave else core % hw.memory.dram.channels
         groups.setdefault((share, channel), []).append(core)
-
     # activation bytes that must reach DRAM at least once, spread over the cores used
     unique_in = (op.input_bytes + score_bytes / 2) / len(shares)
     unique_out = (op.output_bytes + score_bytes / 2) / len(shares)
@@ -203,19 +171,120 @@ def map_op(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: int)
         else:
             load, store = load + act_in, store + act_out
         compute = op.ops * work * factor * unit.stages * unit.slow_ops.get(op.fn, 1.0)
-        compute_ns = compute / rate / clock * 1e9
+        compute_ns = compute / per_cycle / clock * 1e9
+        if op.kind == "recurrence":  # h_t needs h_{t-1}: steps cannot overlap in time
+            steps = op.dims["numel"] // max(1, op.dims["parallel"])
+            compute_ns = max(compute_ns, steps * _step_latency_ns(hw, unit))
         if op.kind == "attention":
             d = op.dims
             scores = d["batch"] * d["heads"] * d["pairs"] * work
-            compute_ns += _vector_ns(hw, scores * SOFTMAX_OPS_PER_SCORE, "", "softmax", op.dtype)
-            compute_ns += _vector_ns(hw, scores, "exp", "softmax", op.dtype)
+            compute_ns += vector_ns(hw, scores * SOFTMAX_OPS_PER_SCORE, "", "softmax", op.dtype)
+            compute_ns += vector_ns(hw, scores, "exp", "softmax", op.dtype)
         parts.append(Part(
             cores=tuple(cores), channel=channel, unit=unit_name,
-            chunks=_tile_chunks(max(load + store, l2_bytes), hw.cores.sram, granularity),
+            chunks=_chunks(max(load + store, l2_bytes), hw.cores.sram, granularity),
             dram_load_bytes=load, dram_store_bytes=store, l2_bytes=l2_bytes,
-            sram_bytes=sram_bytes, compute_ns=compute_ns,
-            latency_ns=unit.latency.ns(clock)))
-    return Task(op=op, parts=tuple(parts), unit_kind=unit.kind, rate_key=rate_key,
+            sram_bytes=sram_bytes, compute_ns=compute_ns, latency_ns=unit.latency.ns(clock)))
+    return tuple(parts)
+
+
+def _from_work(work: list[CoreWork], hw: Hardware, unit_name: str, unit: Unit,
+               granularity: int) -> Stage:
+    """Group cores with identical work into parts."""
+    groups: dict[CoreWork, list[int]] = {}
+    for core, item in enumerate(work):
+        groups.setdefault(item, []).append(core)
+    return tuple(
+        Part(cores=tuple(cores), channel=0, unit=unit_name,
+             chunks=max(1, min(item.units, granularity)),
+             dram_load_bytes=item.dram_load_bytes, dram_store_bytes=item.dram_store_bytes,
+             l2_bytes=item.l2_bytes, sram_bytes=0.0, compute_ns=item.compute_ns,
+             latency_ns=unit.latency.ns(hw.core_clock))
+        for item, cores in groups.items())
+
+
+def _streaming(hw: Hardware, elements: float, read: float, write: float, ops: float,
+               fn: str, kind: str, granularity: int) -> Stage:
+    """An element-wise kernel over `elements`: bytes read/written and ops per element."""
+    cores = hw.cores.count
+    found = unit_for(hw, kind, "fp32", kind)
+    per_core = elements / cores
+    work = [CoreWork(1, vector_ns(hw, per_core * ops, fn, kind, "fp32"),
+                     per_core * (read + write), per_core * read, per_core * write)] * cores
+    return _from_work(work, hw, found[0], found[1], granularity)
+
+
+def _gemm(hw: Hardware, unit_name: str, unit: Unit, per_cycle: float, granularity: int,
+          m: int, n: int, k: int, batch: int, elem: tuple[float, float, float]) -> Stage:
+    _, work = gemm_work(hw, unit, per_cycle, m, n, k, batch, elem)
+    return _from_work(work, hw, unit_name, unit, granularity)
+
+
+def _tiled_matmul(op: Op, hw: Hardware, unit_name: str, unit: Unit, per_cycle: float,
+                  granularity: int) -> tuple[Stage, ...]:
+    d = op.dims
+    m, n, k, batch = d["m"], d["n"], d["k"], d["batch"]
+    a_bytes = DTYPE_BYTES.get(op.dtype, 2)
+    b_bytes = op.weight_bytes / (k * n * batch) if op.weight_bytes else a_bytes
+    c_bytes = op.output_bytes / (m * n * batch)
+    return (_gemm(hw, unit_name, unit, per_cycle, granularity, m, n, k, batch,
+                  (a_bytes, b_bytes, c_bytes)),)
+
+
+def _tiled_attention(op: Op, hw: Hardware, unit_name: str, unit: Unit, per_cycle: float,
+                     granularity: int) -> tuple[Stage, ...]:
+    d = op.dims
+    backward = bool(d.get("backward"))
+    elem = DTYPE_BYTES.get(op.dtype, 2)
+    b, h, sq, sk, hd = d["batch"], d["heads"], d["q_len"], d["kv_len"], d["head_dim"]
+    if hw.scheduling.fused_attention:
+        flash = hw.scheduling.flash
+        stages = []
+        if backward:  # D = rowsum(dO ∘ O) first, dQ from fp32 to the input type last
+            stages.append(_streaming(hw, b * h * sq * hd, 2 * elem, 4 / hd, 2, "", "reduction",
+                                     granularity))
+        stages.append(_from_work(flash_work(hw, unit, per_cycle, flash, d, backward, op.dtype),
+                                 hw, unit_name, unit, granularity))
+        if backward:
+            stages.append(_streaming(hw, b * h * sq * hd, 4, elem, 1, "", "elementwise",
+                                     granularity))
+        return tuple(stages)
+    # unfused (PyTorch): scores materialised in DRAM, softmax as its own kernel(s)
+    gemm = lambda m, n, k: _gemm(hw, unit_name, unit, per_cycle, granularity, m, n, k,  # noqa: E731
+                                 b * h, (elem, elem, elem))
+    scores = b * h * sq * sk
+    masked = [_streaming(hw, scores, elem, elem, 1, "", "elementwise", granularity)] if d.get(
+        "causal") else []
+    # a row too long for one block is read three times (max, sum of exp, output) [PyTorch
+    # aten/src/ATen/native/cuda/SoftMax.cu]; its backward reads P and dP twice each
+    softmax = _streaming(hw, scores, SOFTMAX_READS * elem, elem, SOFTMAX_OPS_PER_SCORE, "",
+                         "softmax", granularity)
+    exp_cost = vector_ns(hw, scores / hw.cores.count, "exp", "softmax", "fp32")
+    softmax = tuple(Part(**{**p.__dict__, "compute_ns": p.compute_ns + exp_cost})
+                    for p in softmax)
+    # Q, K, V and O (grads too, backward) re-laid out between (b, t, h, d) and (b·h, t, d)
+    copies = _streaming(hw, 4 * b * h * sq * hd, elem, elem, 0, "", "memory", granularity)
+    if not backward:
+        return (copies, gemm(sq, sk, hd), *masked, softmax, gemm(sq, hd, sk))
+    softmax_backward = _streaming(hw, scores, 2 * SOFTMAX_BACKWARD_READS * elem, elem, 3, "",
+                                  "softmax", granularity)
+    return (copies, gemm(sq, sk, hd), gemm(sk, hd, sq), softmax_backward, *masked,
+            gemm(sq, hd, sk), gemm(sk, hd, sq))
+
+
+def map_op(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: int) -> Task:
+    """Turn `op` into kernels of per-core parts on `hw`."""
+    unit_name, unit, factor = unit_for(hw, op.kind, op.dtype, op.module or op.name)
+    rate_key, per_cycle = rate(unit, "ternary" if unit.kind == "ternary" else op.dtype)
+    tiled = unit.kind == "matrix" and bool(unit.tiles) and mapping == "tensor"
+    if tiled and op.kind in {"matmul", "ternary_matmul"}:
+        stages = _tiled_matmul(op, hw, unit_name, unit, per_cycle, granularity)
+    elif tiled and op.kind == "attention":
+        stages = _tiled_attention(op, hw, unit_name, unit, per_cycle, granularity)
+    else:
+        stages = (_generic(op, hw, mapping, batch, granularity, unit_name, unit, factor,
+                           per_cycle),)
+    return Task(op=op, stages=stages, unit_kind=unit.kind, rate_key=rate_key,
                 energy_ops=op.ops * factor, lane_deps=mapping == "batch")
 
 

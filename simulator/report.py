@@ -131,7 +131,7 @@ def build_result(hw: Hardware, trace: Trace, tasks: list[Task], timeline: Timeli
                    for name, lat, _ in _layer_latencies(trace, timeline))
     ops = tuple(
         OpResult(index=op.index, name=op.name, kind=op.kind, module=op.module, layer=op.layer,
-                 unit=task.parts[0].unit, cores=sum(p.size for p in task.parts),
+                 unit=task.parts[0].unit, cores=task.cores,
                  start_s=start * 1e-9, end_s=end * 1e-9, ops=op.ops,
                  dram_bytes=sum((p.dram_load_bytes + p.dram_store_bytes) * p.size
                                 for p in task.parts), energy_j=joules)

@@ -26,6 +26,13 @@ def test_every_gated_case_is_within_tolerance(outcomes: dict) -> None:
     assert not failures
 
 
+def test_every_shipped_case_file_passes_its_gates() -> None:
+    for path in shipped_case_files():
+        failures = [(o.case.id, f"{o.error:+.1%}") for o in run_cases(load_cases(path))
+                    if not o.passed]
+        assert not failures, path.name
+
+
 def test_fitted_within_10_and_held_out_within_15_percent(outcomes: dict) -> None:
     for outcome in outcomes.values():
         if outcome.case.role == "fitted":

@@ -1,6 +1,6 @@
 """Fit the MatMul-free FPGA core's free parameters to the paper's "fitted" cases only.
 
-    python -m simulator.calibration.fpga
+    python -m simulator.calibration.fpga [--write]
 
 Three small fits, each linear in its parameters, each solved exactly from the full
 simulator (not a closed formula) and printed as YAML to paste into hwconfigs/fpga_*.yaml:
@@ -16,66 +16,16 @@ simulator (not a closed formula) and printed as YAML to paste into hwconfigs/fpg
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from importlib import resources
+from pathlib import Path
 
-import numpy as np
-
-from simulator.validation.cases import Case, load_cases, measure, shipped_case_files
-
-
-@dataclass(frozen=True)
-class Parameter:
-    path: str
-    unit: str
-    base: float
-    step: float
-
-    def value(self, x: float) -> str:
-        return f"{x!r} {self.unit}"
-
-
-def _cases() -> dict[str, Case]:
-    path = next(p for p in shipped_case_files() if p.name == "mmfree_fpga.yaml")
-    return {case.id: case for case in load_cases(path)}
-
-
-def fit(cases: list[Case], parameters: list[Parameter],
-        fixed: dict[str, str] | None = None, iterations: int = 8) -> list[float]:
-    """Solve for parameters that make every case's metric hit its reference.
-
-    Newton's method on the simulator itself: sample it at the current point and one step
-    along each parameter, solve the linear system, repeat until the values settle (the
-    metrics are affine within a schedule, so this converges in a few steps).
-    """
-    fixed = fixed or {}
-
-    def run(case: Case, values: list[float]) -> float:
-        overrides = {p.path: p.value(v) for p, v in zip(parameters, values, strict=True)}
-        return measure(case.model_copy(update={"hw_set": {**case.hw_set, **fixed,
-                                                           **overrides}}))
-
-    values = [p.base for p in parameters]
-    for _ in range(iterations):
-        rows, rhs = [], []
-        for case in cases:
-            here = run(case, values)
-            slopes = []
-            for i, parameter in enumerate(parameters):
-                moved = list(values)
-                moved[i] += parameter.step
-                slopes.append((run(case, moved) - here) / parameter.step)
-            rows.append(slopes)
-            rhs.append(case.reference - here)
-        delta = np.linalg.solve(np.array(rows), np.array(rhs))
-        values = [v + float(d) for v, d in zip(values, delta, strict=True)]
-        if all(abs(d) <= 1e-9 * max(1.0, abs(v)) for d, v in zip(delta, values, strict=True)):
-            break
-    return values
+from simulator.calibration.fit import Parameter, fit, number, shipped_cases, write_values
 
 
 def calibrate() -> dict[str, float]:
     """Fit all three groups; returns {dotted path: value in the unit printed}."""
-    cases = _cases()
+    cases = shipped_cases("mmfree_fpga.yaml")
     block = [Parameter("memory.dram.access_interval", "cycle", 1.0, 1.0),
              Parameter("cores.units.tmatmul.latency", "cycle", 0.0, 100_000.0)]
     block_values = fit([cases["table3-block-d512"], cases["table3-block-d2048"]], block)
@@ -91,13 +41,32 @@ def calibrate() -> dict[str, float]:
     return values
 
 
+UNITS = {"memory.dram.access_interval": "cycle", "cores.units.tmatmul.latency": "cycle",
+         "host_link.transaction_time": "us", "power.idle": "W", "power.logic.full": "W"}
+#: The parallel TMATMUL of the burst variant divides its time by 64 ([MMF] §5).
+BURST_SPEEDUP = 64
+FILES = ("fpga_1core", "fpga_8core", "fpga_16core", "fpga_26core", "fpga_1core_burst")
+
+
+def formatted(values: dict[str, float]) -> dict[str, str]:
+    """The fitted values as written in the YAML files (4 significant digits)."""
+    return {path: f"{number(value)} {UNITS[path]}" for path, value in values.items()}
+
+
 def main() -> None:
     values = calibrate()
     print("# fitted on [MMF] Table 3 d = 512/2048 and Table 2 1- and 8-core points")
-    units = {"memory.dram.access_interval": "cycle", "cores.units.tmatmul.latency": "cycle",
-             "host_link.transaction_time": "us", "power.idle": "W", "power.logic.full": "W"}
-    for path, value in values.items():
-        print(f"{path}: {value:.6g} {units[path]}")
+    for path, text in formatted(values).items():
+        print(f"{path}: {text}")
+    if "--write" in sys.argv[1:]:
+        folder = Path(str(resources.files("hwconfigs")))
+        for name in FILES:
+            texts = formatted(values)
+            if name.endswith("burst"):
+                startup = values["cores.units.tmatmul.latency"] / BURST_SPEEDUP
+                texts["cores.units.tmatmul.latency"] = f"{number(startup)} cycle"
+            write_values(folder / f"{name}.yaml", texts)
+        print(f"written to {', '.join(FILES)} in {folder}")
 
 
 if __name__ == "__main__":

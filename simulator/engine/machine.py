@@ -81,40 +81,55 @@ class Machine:
         self.l2_ns_per_byte = 1e9 / hw.memory.l2.bandwidth if hw.memory.l2 else 0.0
         self.usage = Usage()
 
-    def dram_transfer(self, nbytes: float, cores: tuple[int, ...], channel: int) -> Process:
-        """Identical `cores` each move `nbytes` over `channel` through their own port.
+    def _through(self, shared: simpy.Resource, held_ns: float, core: int | None,
+                 port_ns: float) -> Process:
+        """Hold `shared` for `held_ns` while the core's port (if any) is busy `port_ns`."""
+        env = self.env
+        if core is None:
+            with shared.request() as request:
+                yield request
+                yield env.timeout(held_ns)
+            return
+        with self.ports[core].request() as port:
+            yield port
+            start = env.now
+            with shared.request() as request:
+                yield request
+                yield env.timeout(held_ns)
+            remaining = start + port_ns - env.now
+            if remaining > 0:
+                yield env.timeout(remaining)
+
+    def dram_transfer(self, nbytes: float, cores: tuple[int, ...], channel: int,
+                      through_port: bool = True, wait_latency: bool = True) -> Process:
+        """Identical `cores` each move `nbytes` over `channel`.
 
         A core's port is held for its accesses (access width × access interval), so ops
         on one core share it; the channel is held for the accesses of the whole group,
-        each occupying at least a burst, so cores on one channel contend.
+        each occupying at least a burst, so cores on one channel contend. Where an L2
+        feeds the cores (`through_port` false) only the channel is held here. Without
+        `wait_latency` the caller accounts for the access latency itself.
         """
-        env = self.env
         accesses = nbytes / self.access_bytes
         occupied = len(cores) * accesses * self.occupancy_ns
-        with self.ports[cores[0]].request() as port:
-            yield port
-            start = env.now
-            with self.dram[channel].request() as request:
-                yield request
-                yield env.timeout(occupied)
-            remaining = start + accesses * self.interval_ns - env.now
-            if remaining > 0:
-                yield env.timeout(remaining)
+        yield from self._through(self.dram[channel], occupied,
+                                 cores[0] if through_port else None,
+                                 accesses * self.interval_ns)
         self.usage.add(f"dram{channel}", occupied)
         self.usage.dram_bytes += len(cores) * nbytes
         self.usage.dram_activated_bytes += len(cores) * accesses * max(
             self.access_bytes, self.hw.memory.dram.burst)
-        yield env.timeout(self.dram_latency_ns)
+        if wait_latency:
+            yield self.env.timeout(self.dram_latency_ns)
 
-    def l2_transfer(self, nbytes: float, cores: int) -> Process:
-        """`cores` identical cores each move `nbytes` through the shared L2."""
+    def l2_transfer(self, nbytes: float, cores: tuple[int, ...]) -> Process:
+        """Identical `cores` each move `nbytes` between the shared L2 and their port."""
         assert self.l2 is not None
-        held = cores * nbytes * self.l2_ns_per_byte
-        with self.l2.request() as request:
-            yield request
-            yield self.env.timeout(held)
+        held = len(cores) * nbytes * self.l2_ns_per_byte
+        port = nbytes / self.access_bytes * self.interval_ns
+        yield from self._through(self.l2, held, cores[0], port)
         self.usage.add("l2", held)
-        self.usage.l2_bytes += cores * nbytes
+        self.usage.l2_bytes += len(cores) * nbytes
 
     def host_transfer(self, nbytes: float) -> Process:
         """Host → device copy over the host link, written into DRAM channel 0."""

@@ -50,6 +50,7 @@ class _Run:
         self.launch_ns = hw.overheads.launch.ns(hw.core_clock)
         self.barrier_ns = hw.overheads.barrier.ns(hw.core_clock)
         self.issue_ns = hw.cores.issue.ns(hw.core_clock)
+        self.stages = hw.cores.pipeline_stages
         self.launcher = simpy.Resource(self.env, capacity=1)
         self.done: list[simpy.Event] = []
         self.part_done: list[list[simpy.Event]] = []
@@ -74,9 +75,11 @@ class _Run:
         store = part.dram_store_bytes / chunks
         l2 = part.l2_bytes / chunks
         compute = part.compute_ns / chunks
-        buffer = simpy.Store(env, capacity=1) if load or l2 else None
-        if buffer is not None:
-            env.process(self._loader(part, chunks, load, l2, buffer))
+        buffer = slots = None
+        if load or l2:  # a pipeline of `stages` chunks in flight ahead of the compute
+            buffer = simpy.Store(env)
+            slots = simpy.Container(env, capacity=self.stages, init=self.stages)
+            env.process(self._loader(part, chunks, load, l2, buffer, slots))
         stores = []
         for chunk in range(chunks):
             if buffer is not None:
@@ -85,11 +88,14 @@ class _Run:
                 yield request
                 started = env.now
                 yield self._timeout(compute + (part.latency_ns if chunk == 0 else 0.0))
+            if slots is not None:
+                yield slots.put(1)
             if self.record:
                 self.slices.append(Slice(f"core{part.cores[0]}.{part.unit}", index, started,
                                          env.now, ops=compute))
             if store:
-                stores.append(env.process(machine.dram_transfer(store, part.cores, part.channel)))
+                stores.append(env.process(machine.dram_transfer(
+                    store, part.cores, part.channel, through_port=not part.l2_bytes)))
         if stores:
             yield simpy.AllOf(env, stores)
         self.events += 2 * chunks
@@ -98,47 +104,64 @@ class _Run:
                                      nbytes=(part.dram_load_bytes + part.dram_store_bytes)
                                      * part.size))
 
-    def _loader(self, part: Part, chunks: int, load: float, l2: float,
-                buffer: simpy.Store) -> Process:
+    def _loader(self, part: Part, chunks: int, load: float, l2: float, buffer: simpy.Store,
+                slots: simpy.Container) -> Process:
+        """Issue each chunk's loads once a pipeline slot is free; a chunk becomes ready one
+        access latency after its bytes have crossed, without holding up the next load."""
         env, machine = self.env, self.machine
+        latency = machine.dram_latency_ns if load else 0.0
         for chunk in range(chunks):
+            yield slots.get(1)
             moves = []
             if load:
-                moves.append(env.process(machine.dram_transfer(load, part.cores, part.channel)))
+                moves.append(env.process(machine.dram_transfer(
+                    load, part.cores, part.channel, through_port=not l2, wait_latency=False)))
             if l2:
-                moves.append(env.process(machine.l2_transfer(l2, part.size)))
+                moves.append(env.process(machine.l2_transfer(l2, part.cores)))
             yield simpy.AllOf(env, moves) if len(moves) > 1 else moves[0]
-            yield buffer.put(chunk)
+            if latency:
+                env.process(self._arrive(buffer, chunk, latency))
+            else:
+                yield buffer.put(chunk)
         self.events += 3 * chunks
+
+    def _arrive(self, buffer: simpy.Store, chunk: int, latency: float) -> Process:
+        yield self.env.timeout(latency)
+        yield buffer.put(chunk)
 
     def _task(self, index: int, task: Task, prerequisites: list[simpy.Event],
               lanes: list[list[simpy.Event]]) -> Process:
         env = self.env
         if prerequisites:
             yield simpy.AllOf(env, prerequisites)
-        if self.launch_ns:
-            with self.launcher.request() as request:
-                yield request
-                yield self._timeout(self.launch_ns)
-        self.start[index] = env.now
-        go = env.event()
-        runs = []
-        for lane, part in enumerate(task.parts):
-            ready = simpy.AllOf(env, [go, *lanes[lane]]) if lanes and lanes[lane] else go
-            runs.append(env.process(self._part(index, part, ready)))
-        go.succeed()
-        for run, event in zip(runs, self.part_done[index], strict=True):
-            run.callbacks.append(lambda _e, ev=event: ev.succeed())
-        yield simpy.AllOf(env, runs)
-        if self.barrier_ns and len(task.parts) > 1 and not task.lane_deps:
-            yield self._timeout(self.barrier_ns)
+        last = len(task.stages) - 1
+        for number, stage in enumerate(task.stages):
+            if self.launch_ns:
+                with self.launcher.request() as request:
+                    yield request
+                    yield self._timeout(self.launch_ns)
+            if number == 0:
+                self.start[index] = env.now
+            go = env.event()
+            runs = []
+            for lane, part in enumerate(stage):
+                waits = lanes[lane] if number == 0 and lanes and lanes[lane] else []
+                ready = simpy.AllOf(env, [go, *waits]) if waits else go
+                runs.append(env.process(self._part(index, part, ready)))
+            go.succeed()
+            if number == last:
+                for run, event in zip(runs, self.part_done[index], strict=True):
+                    run.callbacks.append(lambda _e, ev=event: ev.succeed())
+            yield simpy.AllOf(env, runs)
+            if self.barrier_ns and len(stage) > 1 and not task.lane_deps:
+                yield self._timeout(self.barrier_ns)
         self.end[index] = env.now
 
     def run(self, host_bytes: float) -> Timeline:
         env = self.env
         host = env.process(self.machine.host_transfer(host_bytes))
         for task in self.tasks:
-            self.part_done.append([env.event() for _ in task.parts])
+            self.part_done.append([env.event() for _ in task.stages[-1]])
             self.done.append(env.event())
         processes = []
         overlap = self.hw.scheduling.overlap_ops
@@ -149,7 +172,7 @@ class _Run:
             lanes: list[list[simpy.Event]] = []
             if task.lane_deps:
                 lanes = [[self.part_done[d][lane] for d in deps
-                          if lane < len(self.part_done[d])] for lane in range(len(task.parts))]
+                          if lane < len(self.part_done[d])] for lane in range(len(task.stages[0]))]
                 prerequisites = [host] if not deps else []
             else:
                 prerequisites = [self.done[d] for d in deps] or [host]

@@ -132,6 +132,12 @@ class Unit(Strict):
     slow_ops: dict[str, Rate] = Field(
         default_factory=dict,
         description="cycles per element for costly functions by name (exp, sigmoid, div...)")
+    efficiency: Fraction = Field(
+        default=1.0, description="fraction of the rated throughput sustained in a kernel's "
+                                 "main loop (matrix units of GPU-like machines)")
+    tiles: tuple[tuple[int, int, int], ...] = Field(
+        default=(), description="thread-block tiles (tm, tn, tk) a GEMM library picks from; "
+                                "empty: ops are split across cores without tiling")
 
 
 class Cores(Strict):
@@ -140,6 +146,9 @@ class Cores(Strict):
     units: dict[str, Unit] = Field(min_length=1)
     sram: Size = Field(description="on-chip tile buffer/register file per core")
     issue: DelayField = Field(default=Delay(), description="per op issued on a core")
+    pipeline_stages: int = Field(
+        default=2, ge=1, le=16,
+        description="chunks a core's loads may run ahead of its compute (2: double buffering)")
 
 
 class Dram(Strict):
@@ -166,6 +175,7 @@ class Dram(Strict):
 class L2(Strict):
     capacity: Size
     bandwidth: Bandwidth
+    latency: DelayField = Field(default=Delay(), description="load-to-use latency of a hit")
 
 
 class Memory(Strict):
@@ -186,11 +196,27 @@ class Overheads(Strict):
     barrier: DelayField = Field(default=Delay(), description="cross-core sync after a split op")
 
 
+class FlashAttention(Strict):
+    """FlashAttention-2 kernel shape and the costs a roofline cannot see."""
+
+    q_tile: int = Field(default=128, ge=1, le=1024)
+    kv_tile: int = Field(default=64, ge=1, le=1024)
+    backward_q_tile: int = Field(default=64, ge=1, le=1024)
+    backward_kv_tile: int = Field(default=128, ge=1, le=1024)
+    efficiency: Fraction = Field(default=1.0, description="tensor-core efficiency of its loops")
+    softmax_overlap: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False,
+                                   description="share of softmax work hidden under matmuls")
+    block_overhead: DelayField = Field(
+        default=Delay(), description="fixed cost of each thread block: prologue (first "
+                                     "tiles in flight) and epilogue (normalise, write O)")
+
+
 class Scheduling(Strict):
     overlap_ops: bool = Field(
         default=False, description="independent ops may run concurrently on free units")
     fused_attention: bool = Field(
         default=False, description="attention as one fused kernel (O(N·d) DRAM traffic)")
+    flash: FlashAttention = FlashAttention()
     resident_activations: bool = Field(
         default=False,
         description="activations that fit a core's SRAM stay there between ops (register "

@@ -1,0 +1,100 @@
+"""Single kernels on a machine: `simulate op gemm` and `simulate op attention`.
+
+A kernel is wrapped as a one-op trace and run through the same mapping and engine as a
+model, so its time comes out of the event simulation too. FLOPs follow the usual
+conventions: 2·M·N·K for a GEMM; FlashAttention-2's for attention (forward 4·S²·D·H·B,
+halved when causal; backward 2.5 × forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulator.engine import simulate_tasks
+from simulator.errors import UserError
+from simulator.hardware import Hardware
+from simulator.mapping import map_trace
+from simulator.tiling import DTYPE_BYTES
+from simulator.workload.trace import Op, Trace
+
+MAX_DIM = 1 << 24
+
+
+@dataclass(frozen=True)
+class KernelResult:
+    hardware: str
+    kernel: str
+    latency_s: float
+    flops: float
+    bytes_moved: float
+    tflops: float
+    shape: dict[str, int]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"hardware": self.hardware, "kernel": self.kernel, "latency_s": self.latency_s,
+                "flops": self.flops, "bytes_moved": self.bytes_moved, "tflops": self.tflops,
+                "shape": self.shape}
+
+
+def _check(**dims: int) -> None:
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIM:
+            raise UserError(f"--{name.replace('_', '-')}",
+                            f"expected a whole number from 1 to {MAX_DIM}, not {value!r}")
+
+
+def _dtype(dtype: str) -> float:
+    if dtype not in DTYPE_BYTES:
+        raise UserError("--dtype", f"expected one of {', '.join(DTYPE_BYTES)}, not '{dtype}'")
+    return DTYPE_BYTES[dtype]
+
+
+def gemm_op(m: int, n: int, k: int, dtype: str = "bf16", batch: int = 1) -> Op:
+    """C (M×N) = A (M×K) · B (K×N), B held like a weight, output in the input type."""
+    _check(m=m, n=n, k=k, batch=batch)
+    elem = _dtype(dtype)
+    return Op(index=0, name="gemm", fn="mm", kind="matmul", module="gemm", layer="gemm",
+              dtype=dtype, ops=2 * batch * m * n * k, weight_bytes=int(batch * k * n * elem),
+              state_read_bytes=0, state_write_bytes=0, input_bytes=int(batch * m * k * elem),
+              output_bytes=int(batch * m * n * elem),
+              dims={"m": m, "n": n, "k": k, "batch": batch, "parallel": batch * n}, deps=(),
+              shapes=f"[{m},{k}]x[{k},{n}]{dtype}")
+
+
+def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool,
+                    backward: bool) -> float:
+    """FlashAttention-2's convention."""
+    forward = 4 * seq * seq * head_dim * heads * batch / (2 if causal else 1)
+    return 2.5 * forward if backward else forward
+
+
+def attention_op(batch: int, heads: int, seq: int, head_dim: int, causal: bool = False,
+                 backward: bool = False, dtype: str = "bf16") -> Op:
+    _check(batch=batch, heads=heads, seq=seq, head_dim=head_dim)
+    elem = _dtype(dtype)
+    tensor = int(batch * heads * seq * head_dim * elem)
+    pairs = seq * (seq + 1) // 2 if causal else seq * seq
+    dims = {"batch": batch, "heads": heads, "kv_heads": heads, "q_len": seq, "kv_len": seq,
+            "head_dim": head_dim, "causal": int(causal), "pairs": pairs,
+            "parallel": batch * heads, "backward": int(backward)}
+    return Op(index=0, name="attention", fn="attention", kind="attention", module="attention",
+              layer="attention", dtype=dtype,
+              ops=int(4 * batch * heads * head_dim * pairs * (2.5 if backward else 1)),
+              weight_bytes=0, state_read_bytes=0, state_write_bytes=0,
+              input_bytes=(5 if backward else 3) * tensor,
+              output_bytes=(3 if backward else 1) * tensor, dims=dims, deps=(),
+              shapes=f"B{batch} H{heads} S{seq} D{head_dim}")
+
+
+def run_op(hw: Hardware, op: Op, flops: float | None = None) -> KernelResult:
+    """Simulate one kernel on `hw`."""
+    trace = Trace(model=op.name, model_key="", phase="prefill", batch=1, context=0, prompt=1,
+                  tokens=1, weights_bytes=op.weight_bytes, state_bytes=0, activation_bytes=0,
+                  ops=(op,))
+    timeline = simulate_tasks(hw, map_trace(trace, hw))
+    latency = timeline.makespan_ns * 1e-9
+    work = float(op.ops if flops is None else flops)
+    shape = {k: v for k, v in op.dims.items() if k not in ("parallel", "pairs")}
+    return KernelResult(hardware=hw.name, kernel=op.name, latency_s=latency, flops=work,
+                        bytes_moved=timeline.usage.dram_bytes,
+                        tflops=work / latency * 1e-12 if latency else 0.0, shape=shape)

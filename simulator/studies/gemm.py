@@ -1,0 +1,108 @@
+"""GEMM and GEMV sweeps on the GPU models, written as a CSV table and a PNG figure.
+
+    python -m simulator.studies.gemm --out reports/
+
+Square bf16 GEMMs from 256 to 16384 (TFLOP/s against size: low at small sizes from wave
+quantisation and launch overhead, saturating below the achievable peak) and decode-
+shaped GEMVs, M = 1…16 against a 4096 × 4096 and an 8192 × 8192 weight (the share of
+HBM bandwidth they reach).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from pathlib import Path
+
+from simulator.files import write_atomic
+from simulator.hardware import Hardware, load_hardware
+from simulator.kernel import gemm_op, run_op
+
+MACHINES = ("gpu_a100.yaml", "gpu_h100.yaml")
+SQUARE = tuple(int(256 * 2 ** (i / 2)) // 64 * 64 for i in range(13))  # 256 … 16384
+GEMV_M = tuple(range(1, 17))
+GEMV_NK = (4096, 8192)
+
+
+def peak_tflops(hw: Hardware, dtype: str = "bf16") -> float:
+    unit = next(u for u in hw.cores.units.values() if u.kind == "matrix")
+    return unit.ops_per_cycle[dtype] * hw.cores.count * hw.core_clock * 1e-12
+
+
+def sweep() -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for name in MACHINES:
+        hw = load_hardware(name)
+        hbm = hw.memory.dram.bandwidth_per_channel * hw.memory.dram.channels
+        for size in SQUARE:
+            result = run_op(hw, gemm_op(size, size, size))
+            rows.append({"hardware": hw.name, "kind": "gemm", "m": size, "n": size, "k": size,
+                         "latency_s": result.latency_s, "tflops": result.tflops,
+                         "peak_fraction": result.tflops / peak_tflops(hw),
+                         "hbm_fraction": result.bytes_moved / result.latency_s / hbm})
+        for nk in GEMV_NK:
+            for m in GEMV_M:
+                result = run_op(hw, gemm_op(m, nk, nk))
+                rows.append({"hardware": hw.name, "kind": "gemv", "m": m, "n": nk, "k": nk,
+                             "latency_s": result.latency_s, "tflops": result.tflops,
+                             "peak_fraction": result.tflops / peak_tflops(hw),
+                             "hbm_fraction": result.bytes_moved / result.latency_s / hbm})
+    return rows
+
+
+def to_csv(rows: list[dict[str, object]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def plot(rows: list[dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in MACHINES:
+        hw = load_hardware(name)
+        gemm = [r for r in rows if r["hardware"] == hw.name and r["kind"] == "gemm"]
+        line = left.plot([r["m"] for r in gemm], [r["tflops"] for r in gemm], "o-",
+                         label=hw.name)[0]
+        left.axhline(peak_tflops(hw), color=line.get_color(), ls=":", lw=1)
+        for nk, style in zip(GEMV_NK, ("o-", "s--"), strict=True):
+            gemv = [r for r in rows if r["hardware"] == hw.name and r["kind"] == "gemv"
+                    and r["n"] == nk]
+            right.plot([r["m"] for r in gemv], [r["hbm_fraction"] for r in gemv], style,
+                       color=line.get_color(), label=f"{hw.name}, {nk}×{nk}")
+    left.set(xscale="log", xlabel="M = N = K (bf16)", ylabel="TFLOP/s",
+             title="square GEMM (dotted: peak)")
+    left.legend(fontsize=8)
+    right.set(xlabel="M (tokens)", ylabel="fraction of peak HBM bandwidth", ylim=(0, 1),
+              title="decode-shaped GEMV (bf16 weights)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    tmp = path.with_suffix(".png.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="reports", help="folder for the CSV and PNG")
+    args = parser.parse_args()
+    rows = sweep()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "gemm_tflops.csv", to_csv(rows), "--out")
+    plot(rows, out / "gemm_tflops.png")
+    print(f"{len(rows)} points written to {out / 'gemm_tflops.csv'} and {out / 'gemm_tflops.png'}")
+
+
+if __name__ == "__main__":
+    main()
