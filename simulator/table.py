@@ -35,7 +35,8 @@ def render(result: Result, console: Console | None = None) -> None:
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     rows = [
-        ("phase", f"{result.phase} ({shape}), mapping {result.mapping}"),
+        ("phase", f"{result.phase} ({shape})"),
+        ("mapping", f"{result.mapping} split over the cores"),
         (f"latency ({step})", _si(result.latency_s, "s")),
         ("latency per token" if result.phase == "decode" else "time per prompt token",
          _si(result.latency_s / (1 if result.phase == "decode" else result.prompt), "s")),
