@@ -6,6 +6,7 @@
     simulate list                   shipped machines and model presets
     simulate validate               published reference cases: paper vs simulated
     simulate op gemm|attention ...  one kernel: latency_s, flops, bytes_moved, tflops
+    simulate check --hw HW --model tiny   the simulated dataflow computes the right numbers
 
 Every bad input ends in one line on stderr and exit status 2.
 """
@@ -22,7 +23,7 @@ import yaml
 
 from simulator.errors import UserError
 
-COMMANDS = ("schema", "trace", "list", "validate", "op")
+COMMANDS = ("schema", "trace", "list", "validate", "op", "check")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -210,12 +211,58 @@ def _op(argv: Sequence[str]) -> int:
     return 0
 
 
+def _check(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="simulate check", description="Run a small model through the "
+                     "hardware kernels along the simulated schedule; compare with PyTorch.")
+    parser.add_argument("--hw", required=True)
+    parser.add_argument("--hw-set", action="append", default=[], metavar="PATH=VALUE")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--mapping", default="tensor", choices=("tensor", "batch"))
+    parser.add_argument("--phase", default="decode", choices=("decode", "prefill"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=8)
+    parser.add_argument("--format", default="table", choices=("table", "json"))
+    args = parser.parse_args(argv)
+    from simulator.api import _check_shape
+    from simulator.hardware import load_hardware
+    from simulator.kernels.check import run_check
+    from simulator.kernels.functional import counts
+    from workloads.config import resolve_model
+
+    _check_shape(args.phase, args.batch, args.context, args.prompt)
+    hw = load_hardware(args.hw, _pairs(args.hw_set, "--hw-set", True))
+    cfg = resolve_model(args.model, _pairs(args.model_set, "--model-set", False))
+    result = run_check(hw, cfg, mapping=args.mapping, batch=args.batch, phase=args.phase,
+                       context=args.context, prompt=args.prompt)
+    if args.format == "json":
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(f"{result.model} on {result.hardware}, {args.phase}, batch {args.batch}, "
+              f"mapping {result.mapping}; tolerance {result.tolerance:g} (relative)")
+        print(f"{'layer':<12}{'max abs error':>16}{'max rel error':>16}  result")
+        for layer in result.layers:
+            print(f"{layer.name:<12}{layer.max_abs:>16.4g}{layer.max_rel:>16.4g}  "
+                  f"{'PASS' if layer.passed else 'FAIL'}")
+        by_kernel, by_reference = counts(result.ops)
+        print("computed by hardware kernels: "
+              + ", ".join(f"{n} {k}" for k, n in sorted(by_kernel.items())))
+        print("computed by the PyTorch reference (no kernel for these): "
+              + ", ".join(f"{n} {k}" for k, n in sorted(by_reference.items())))
+        for op in result.kernel_failures:
+            print(f"kernel mismatch: op {op.index} {op.name} ({op.kind}): max abs error "
+                  f"{op.max_abs:.4g}")
+        print("PASS" if result.passed else "FAIL")
+    return 0 if result.passed else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `simulate` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     handler = {"schema": _schema, "trace": _trace, "list": _list,
-               "validate": _validate, "op": _op}.get(command or "", _run)
+               "validate": _validate, "op": _op, "check": _check}.get(command or "", _run)
     try:
         return handler(argv[1:] if command else argv)
     except UserError as exc:

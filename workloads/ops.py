@@ -73,12 +73,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
     if causal:
         sq, sk = q.shape[2], k.shape[2]
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).contiguous()
 
 
 @attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    return torch.empty_like(q)
+    # contiguous like the real kernel's output, so real and traced runs lay out alike
+    return q.new_empty(q.shape)
 
 
 @torch.library.custom_op("mmsim::hgrn_scan", mutates_args=())

@@ -19,7 +19,7 @@ from simulator.workload.trace import FORMAT_VERSION, Phase, Trace
 from workloads.config import ModelConfig
 
 #: Bump when capture semantics change so stale traces are not reused.
-CAPTURE_VERSION = 1
+CAPTURE_VERSION = 2
 
 
 def cache_dir() -> Path:

@@ -38,6 +38,16 @@ _MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul"}
 _LAYER = re.compile(r"^(layers\.\d+)")
 
 
+def is_alias(func: Any) -> bool:
+    """A view or re-labelling of its input: no work, no op of its own."""
+    return bool(func.is_view) or func.overloadpacket.__name__ in _ALIASING
+
+
+def is_recorded(func: Any, ins: list[torch.Tensor]) -> bool:
+    """Whether an op becomes an Op of the trace (the rule every replay must share)."""
+    return not is_alias(func) and func.overloadpacket.__name__ not in _FACTORIES and bool(ins)
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -129,15 +139,14 @@ class _Recorder(TorchDispatchMode):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         self.keep.extend(outs)
         name, namespace = func.overloadpacket.__name__, func.namespace
-        if func.is_view or name in _ALIASING:
+        if is_alias(func):
             source = self._base(ins[0]) if ins else None
             for t in outs:
                 if source is not None:
                     self.base[id(t)] = source
             return out
-        if name in _FACTORIES or not ins:
-            return out
-        self._record(func, name, namespace, args, ins, outs)
+        if is_recorded(func, ins):
+            self._record(func, name, namespace, args, ins, outs)
         return out
 
     def _record(self, func: Any, name: str, namespace: str, args: tuple[Any, ...],

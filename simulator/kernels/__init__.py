@@ -1,0 +1,1 @@
+"""The hardware's primitive operations, computed the way the hardware computes them."""
