@@ -8,6 +8,7 @@ values settle. With as many cases as parameters the fit is exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,16 @@ def write_values(path: Path, values: dict[str, str]) -> None:
     if missing:
         raise KeyError(f"{path}: no key {', '.join(sorted(missing))}")
     path.write_text("".join(lines), encoding="utf-8")
+
+
+def publish(title: str, files: dict[str, dict[str, str]], argv: list[str]) -> None:
+    """Print the fitted values (those of the first file) and, with --write, write each
+    file's values into hwconfigs/."""
+    print(f"# {title}")
+    for path, text in next(iter(files.values())).items():
+        print(f"{path}: {text}")
+    if "--write" in argv:
+        folder = Path(str(resources.files("hwconfigs")))
+        for name, texts in files.items():
+            write_values(folder / f"{name}.yaml", texts)
+        print(f"written to {', '.join(files)} in {folder}")

@@ -11,10 +11,8 @@ prologue and epilogue), least squares over the "fitted" FA-2 points (seqlen 512,
 from __future__ import annotations
 
 import sys
-from importlib import resources
-from pathlib import Path
 
-from simulator.calibration.fit import Parameter, fit, number, shipped_cases, write_values
+from simulator.calibration.fit import Parameter, fit, number, publish, shipped_cases
 
 PARAMETERS = [
     Parameter("scheduling.flash.efficiency", "", 0.8, 0.02, 0.05, 1.0),
@@ -40,15 +38,9 @@ def formatted(values: dict[str, float]) -> dict[str, str]:
 
 
 def main() -> None:
-    values = calibrate()
-    print("# fitted on FlashAttention-2 Fig. 4 (A100), seqlen 512/2k/4k/16k of each panel")
-    for path, text in formatted(values).items():
-        print(f"{path}: {text}")
-    if "--write" in sys.argv[1:]:
-        folder = Path(str(resources.files("hwconfigs")))
-        for name in FILES:
-            write_values(folder / f"{name}.yaml", formatted(values))
-        print(f"written to {', '.join(FILES)} in {folder}")
+    texts = formatted(calibrate())
+    publish("fitted on FlashAttention-2 Fig. 4 (A100), seqlen 512/2k/4k/16k of each panel",
+            dict.fromkeys(FILES, texts), sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ simulator (not a closed formula) and printed as YAML to paste into hwconfigs/fpg
 from __future__ import annotations
 
 import sys
-from importlib import resources
-from pathlib import Path
 
-from simulator.calibration.fit import Parameter, fit, number, shipped_cases, write_values
+from simulator.calibration.fit import Parameter, fit, number, publish, shipped_cases
 
 
 def calibrate() -> dict[str, float]:
@@ -55,18 +53,15 @@ def formatted(values: dict[str, float]) -> dict[str, str]:
 
 def main() -> None:
     values = calibrate()
-    print("# fitted on [MMF] Table 3 d = 512/2048 and Table 2 1- and 8-core points")
-    for path, text in formatted(values).items():
-        print(f"{path}: {text}")
-    if "--write" in sys.argv[1:]:
-        folder = Path(str(resources.files("hwconfigs")))
-        for name in FILES:
-            texts = formatted(values)
-            if name.endswith("burst"):
-                startup = values["cores.units.tmatmul.latency"] / BURST_SPEEDUP
-                texts["cores.units.tmatmul.latency"] = f"{number(startup)} cycle"
-            write_values(folder / f"{name}.yaml", texts)
-        print(f"written to {', '.join(FILES)} in {folder}")
+    files = {}
+    for name in FILES:
+        texts = formatted(values)
+        if name.endswith("burst"):
+            startup = values["cores.units.tmatmul.latency"] / BURST_SPEEDUP
+            texts["cores.units.tmatmul.latency"] = f"{number(startup)} cycle"
+        files[name] = texts
+    publish("fitted on [MMF] Table 3 d = 512/2048 and Table 2 1- and 8-core points", files,
+            sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -30,24 +30,21 @@ def peak_tflops(hw: Hardware, dtype: str = "bf16") -> float:
     return unit.ops_per_cycle[dtype] * hw.cores.count * hw.core_clock * 1e-12
 
 
+def _row(hw: Hardware, kind: str, m: int, n: int, k: int) -> dict[str, object]:
+    result = run_op(hw, gemm_op(m, n, k))
+    hbm = hw.memory.dram.bandwidth_per_channel * hw.memory.dram.channels
+    return {"hardware": hw.name, "kind": kind, "m": m, "n": n, "k": k,
+            "latency_s": result.latency_s, "tflops": result.tflops,
+            "peak_fraction": result.tflops / peak_tflops(hw),
+            "hbm_fraction": result.bytes_moved / result.latency_s / hbm}
+
+
 def sweep() -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for name in MACHINES:
         hw = load_hardware(name)
-        hbm = hw.memory.dram.bandwidth_per_channel * hw.memory.dram.channels
-        for size in SQUARE:
-            result = run_op(hw, gemm_op(size, size, size))
-            rows.append({"hardware": hw.name, "kind": "gemm", "m": size, "n": size, "k": size,
-                         "latency_s": result.latency_s, "tflops": result.tflops,
-                         "peak_fraction": result.tflops / peak_tflops(hw),
-                         "hbm_fraction": result.bytes_moved / result.latency_s / hbm})
-        for nk in GEMV_NK:
-            for m in GEMV_M:
-                result = run_op(hw, gemm_op(m, nk, nk))
-                rows.append({"hardware": hw.name, "kind": "gemv", "m": m, "n": nk, "k": nk,
-                             "latency_s": result.latency_s, "tflops": result.tflops,
-                             "peak_fraction": result.tflops / peak_tflops(hw),
-                             "hbm_fraction": result.bytes_moved / result.latency_s / hbm})
+        rows += [_row(hw, "gemm", size, size, size) for size in SQUARE]
+        rows += [_row(hw, "gemv", m, nk, nk) for nk in GEMV_NK for m in GEMV_M]
     return rows
 
 
