@@ -105,6 +105,7 @@ def test_schema_and_trace_commands(tmp_path: Path, capsys: pytest.CaptureFixture
 
 BAD = [
     (["--hw", "nope.yaml", "--model", "1.3b"], "no hardware file"),
+    (["--hw", "/", "--model", "1.3b"], "is not a regular file"),
     (["--hw", "fpga_1core.yaml", "--model", "7b-unknown"], "unknown model"),
     (["--hw", "fpga_1core.yaml", "--model", "tiny", "--batch", "0"], "--batch"),
     (["--hw", "fpga_1core.yaml", "--model", "tiny", "--batch", "x"], "--batch"),
