@@ -63,16 +63,25 @@ def simulate(hw: Hardware | str | Path, model: ModelConfig | str, *, phase: Phas
              batch: int = 1, context: int = DEFAULT_CONTEXT, prompt: int = DEFAULT_PROMPT,
              mapping: Mapping = "tensor", hw_set: MappingType[str, Any] | None = None,
              model_set: MappingType[str, str] | None = None,
-             granularity: int = DEFAULT_GRANULARITY, use_cache: bool = True) -> Result:
+             granularity: int = DEFAULT_GRANULARITY, use_cache: bool = True,
+             trace_file: str | Path | None = None) -> Result:
     """Simulate one step of `model` on `hw`.
 
     decode: one new token for each of `batch` sequences after `context` tokens;
     prefill: `batch` prompts of `prompt` tokens. `hw_set` overrides dotted YAML paths
     (values with units, e.g. {"clock": "54 MHz"}); `model_set` overrides config fields.
+    `trace_file` receives a Chrome/Perfetto timeline of the run.
     """
     _check_shape(phase, batch, context, prompt)
     machine = hw if isinstance(hw, Hardware) else load_hardware(hw, hw_set)
     cfg = model if isinstance(model, ModelConfig) else resolve_model(model, model_set)
     trace = get_trace(cfg, phase, batch, context if phase == "decode" else 0,
                       prompt if phase == "prefill" else 0, use_cache=use_cache)
-    return run_trace(machine, trace, mapping, granularity)[0]
+    result, _, timeline = run_trace(machine, trace, mapping, granularity,
+                                    record=trace_file is not None)
+    if trace_file is not None:
+        from simulator.files import write_atomic
+        from simulator.timeline import to_json
+
+        write_atomic(trace_file, to_json(machine, trace, timeline), "--trace")
+    return result

@@ -75,6 +75,8 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--granularity", type=int, default=None,
                         help="max coalesced chunks per op and core (default 8)")
     parser.add_argument("--no-cache", action="store_true", help="recapture the trace")
+    parser.add_argument("--trace", metavar="FILE.json",
+                        help="write a Chrome/Perfetto timeline (open at ui.perfetto.dev)")
     return parser
 
 
@@ -89,7 +91,8 @@ def _run(argv: Sequence[str]) -> int:
         prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt, mapping=args.mapping,
         hw_set=_pairs(args.hw_set, "--hw-set", True),
         model_set=_pairs(args.model_set, "--model-set", False),
-        granularity=args.granularity or DEFAULT_GRANULARITY, use_cache=not args.no_cache)
+        granularity=args.granularity or DEFAULT_GRANULARITY, use_cache=not args.no_cache,
+        trace_file=args.trace)
     if args.format == "json":
         print(result.to_json())
     elif args.format == "csv":

@@ -17,6 +17,18 @@ from simulator.hardware.schema import Hardware
 Process = Generator[simpy.Event, Any, None]
 
 
+@dataclass(frozen=True)
+class Slice:
+    """One interval on one track (a core unit, a core's port, a DRAM channel, ...), in ns."""
+
+    track: str
+    op: int
+    start_ns: float
+    end_ns: float
+    nbytes: float = 0.0
+    ops: float = 0.0
+
+
 @dataclass
 class Usage:
     """What the machine did: busy time per resource and bytes it moved (ns, bytes)."""
@@ -57,8 +69,10 @@ def host_transfer_ns(hw: Hardware, nbytes: float) -> float:
 class Machine:
     """SimPy resources of one `Hardware`, and the processes that move bytes through them."""
 
-    def __init__(self, env: simpy.Environment, hw: Hardware) -> None:
+    def __init__(self, env: simpy.Environment, hw: Hardware, record: bool = False) -> None:
         self.env, self.hw = env, hw
+        #: every resource hold, when a timeline is wanted
+        self.slices: list[Slice] | None = [] if record else None
         dram = hw.memory.dram
         clock = hw.core_clock
         self.channels = 1 if dram.interleave else dram.channels
@@ -81,27 +95,37 @@ class Machine:
         self.l2_ns_per_byte = 1e9 / hw.memory.l2.bandwidth if hw.memory.l2 else 0.0
         self.usage = Usage()
 
-    def _through(self, shared: simpy.Resource, held_ns: float, core: int | None,
-                 port_ns: float) -> Process:
+    def _note(self, track: str, op: int, start: float, nbytes: float) -> None:
+        if self.slices is not None and self.env.now > start:
+            self.slices.append(Slice(track, op, start, self.env.now, nbytes))
+
+    def _through(self, shared: simpy.Resource, track: str, held_ns: float, core: int | None,
+                 port_ns: float, op: int, nbytes: float) -> Process:
         """Hold `shared` for `held_ns` while the core's port (if any) is busy `port_ns`."""
         env = self.env
         if core is None:
             with shared.request() as request:
                 yield request
+                start = env.now
                 yield env.timeout(held_ns)
+            self._note(track, op, start, nbytes)
             return
         with self.ports[core].request() as port:
             yield port
             start = env.now
             with shared.request() as request:
                 yield request
+                held = env.now
                 yield env.timeout(held_ns)
+            self._note(track, op, held, nbytes)
             remaining = start + port_ns - env.now
             if remaining > 0:
                 yield env.timeout(remaining)
+        self._note(f"core{core}.dma", op, start, nbytes)
 
     def dram_transfer(self, nbytes: float, cores: tuple[int, ...], channel: int,
-                      through_port: bool = True, wait_latency: bool = True) -> Process:
+                      through_port: bool = True, wait_latency: bool = True,
+                      op: int = -1) -> Process:
         """Identical `cores` each move `nbytes` over `channel`.
 
         A core's port is held for its accesses (access width × access interval), so ops
@@ -112,9 +136,9 @@ class Machine:
         """
         accesses = nbytes / self.access_bytes
         occupied = len(cores) * accesses * self.occupancy_ns
-        yield from self._through(self.dram[channel], occupied,
+        yield from self._through(self.dram[channel], f"dram{channel}", occupied,
                                  cores[0] if through_port else None,
-                                 accesses * self.interval_ns)
+                                 accesses * self.interval_ns, op, len(cores) * nbytes)
         self.usage.add(f"dram{channel}", occupied)
         self.usage.dram_bytes += len(cores) * nbytes
         self.usage.dram_activated_bytes += len(cores) * accesses * max(
@@ -122,12 +146,12 @@ class Machine:
         if wait_latency:
             yield self.env.timeout(self.dram_latency_ns)
 
-    def l2_transfer(self, nbytes: float, cores: tuple[int, ...]) -> Process:
+    def l2_transfer(self, nbytes: float, cores: tuple[int, ...], op: int = -1) -> Process:
         """Identical `cores` each move `nbytes` between the shared L2 and their port."""
         assert self.l2 is not None
         held = len(cores) * nbytes * self.l2_ns_per_byte
         port = nbytes / self.access_bytes * self.interval_ns
-        yield from self._through(self.l2, held, cores[0], port)
+        yield from self._through(self.l2, "l2", held, cores[0], port, op, len(cores) * nbytes)
         self.usage.add("l2", held)
         self.usage.l2_bytes += len(cores) * nbytes
 
@@ -136,15 +160,11 @@ class Machine:
         held = host_transfer_ns(self.hw, nbytes)
         if held <= 0:
             return
-        with self.host.request() as request:
-            yield request
-            yield self.env.timeout(held)
+        yield from self._through(self.host, "host", held, None, 0.0, -1, nbytes)
         self.usage.add("host", held)
         self.usage.host_bytes += nbytes
         written = nbytes * self.channel_ns_per_byte  # the host writes full bursts
-        with self.dram[0].request() as request:
-            yield request
-            yield self.env.timeout(written)
+        yield from self._through(self.dram[0], "dram0", written, None, 0.0, -1, nbytes)
         self.usage.add("dram0", written)
         self.usage.dram_bytes += nbytes
         self.usage.dram_activated_bytes += nbytes

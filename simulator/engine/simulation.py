@@ -13,21 +13,9 @@ from dataclasses import dataclass, field
 
 import simpy
 
-from simulator.engine.machine import Machine, Process, Usage
+from simulator.engine.machine import Machine, Process, Slice, Usage
 from simulator.hardware.schema import Hardware
 from simulator.mapping import Part, Task
-
-
-@dataclass(frozen=True)
-class Slice:
-    """One interval on one track (a core unit, a DRAM channel, ...), in ns."""
-
-    track: str
-    op: int
-    start_ns: float
-    end_ns: float
-    nbytes: float = 0.0
-    ops: float = 0.0
 
 
 @dataclass
@@ -45,7 +33,7 @@ class Timeline:
 class _Run:
     def __init__(self, hw: Hardware, tasks: list[Task], record: bool) -> None:
         self.env = simpy.Environment()
-        self.machine = Machine(self.env, hw)
+        self.machine = Machine(self.env, hw, record)
         self.hw, self.tasks, self.record = hw, tasks, record
         self.launch_ns = hw.overheads.launch.ns(hw.core_clock)
         self.barrier_ns = hw.overheads.barrier.ns(hw.core_clock)
@@ -66,7 +54,6 @@ class _Run:
     def _part(self, index: int, part: Part, ready: simpy.Event) -> Process:
         yield ready
         env, machine = self.env, self.machine
-        begin = env.now
         if self.issue_ns:
             yield self._timeout(self.issue_ns)
         unit = machine.units[(part.cores[0], part.unit)]
@@ -79,7 +66,7 @@ class _Run:
         if load or l2:  # a pipeline of `stages` chunks in flight ahead of the compute
             buffer = simpy.Store(env)
             slots = simpy.Container(env, capacity=self.stages, init=self.stages)
-            env.process(self._loader(part, chunks, load, l2, buffer, slots))
+            env.process(self._loader(index, part, chunks, load, l2, buffer, slots))
         stores = []
         for chunk in range(chunks):
             if buffer is not None:
@@ -92,20 +79,16 @@ class _Run:
                 yield slots.put(1)
             if self.record:
                 self.slices.append(Slice(f"core{part.cores[0]}.{part.unit}", index, started,
-                                         env.now, ops=compute))
+                                         env.now))
             if store:
                 stores.append(env.process(machine.dram_transfer(
-                    store, part.cores, part.channel, through_port=not part.l2_bytes)))
+                    store, part.cores, part.channel, through_port=not part.l2_bytes, op=index)))
         if stores:
             yield simpy.AllOf(env, stores)
         self.events += 2 * chunks
-        if self.record:
-            self.slices.append(Slice(f"dram{part.channel}", index, begin, env.now,
-                                     nbytes=(part.dram_load_bytes + part.dram_store_bytes)
-                                     * part.size))
 
-    def _loader(self, part: Part, chunks: int, load: float, l2: float, buffer: simpy.Store,
-                slots: simpy.Container) -> Process:
+    def _loader(self, index: int, part: Part, chunks: int, load: float, l2: float,
+                buffer: simpy.Store, slots: simpy.Container) -> Process:
         """Issue each chunk's loads once a pipeline slot is free; a chunk becomes ready one
         access latency after its bytes have crossed, without holding up the next load."""
         env, machine = self.env, self.machine
@@ -115,9 +98,10 @@ class _Run:
             moves = []
             if load:
                 moves.append(env.process(machine.dram_transfer(
-                    load, part.cores, part.channel, through_port=not l2, wait_latency=False)))
+                    load, part.cores, part.channel, through_port=not l2, wait_latency=False,
+                    op=index)))
             if l2:
-                moves.append(env.process(machine.l2_transfer(l2, part.cores)))
+                moves.append(env.process(machine.l2_transfer(l2, part.cores, op=index)))
             yield simpy.AllOf(env, moves) if len(moves) > 1 else moves[0]
             if latency:
                 env.process(self._arrive(buffer, chunk, latency))
@@ -180,8 +164,9 @@ class _Run:
             process.callbacks.append(lambda _e, ev=self.done[index]: ev.succeed())
             processes.append(process)
         env.run()
+        slices = [*self.slices, *(self.machine.slices or [])]
         return Timeline(makespan_ns=env.now, op_start_ns=self.start, op_end_ns=self.end,
-                        usage=self.machine.usage, events=self.events, slices=self.slices)
+                        usage=self.machine.usage, events=self.events, slices=slices)
 
 
 def simulate_tasks(hw: Hardware, tasks: list[Task], host_bytes: float = 0.0,
