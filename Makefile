@@ -21,6 +21,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check simulator workloads hwconfigs tests benchmarks
 	$(BIN)/pytest
+	$(BIN)/simulate regress
 
 lint: $(STAMP)
 	$(BIN)/ruff check simulator workloads hwconfigs tests benchmarks

@@ -7,6 +7,7 @@
     simulate validate               published reference cases: paper vs simulated
     simulate op gemm|attention ...  one kernel: latency_s, flops, bytes_moved, tflops
     simulate check --hw HW --model tiny   the simulated dataflow computes the right numbers
+    simulate regress [--update]     projected throughput against reports/baseline.csv
 
 Every bad input ends in one line on stderr and exit status 2.
 """
@@ -23,7 +24,7 @@ import yaml
 
 from simulator.errors import UserError
 
-COMMANDS = ("schema", "trace", "list", "validate", "op", "check")
+COMMANDS = ("schema", "trace", "list", "validate", "op", "check", "regress")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -260,12 +261,29 @@ def _check(argv: Sequence[str]) -> int:
     return 0 if result.passed else 1
 
 
+def _regress(argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from simulator.regress import DEFAULT_BASELINE, regress
+
+    parser = _Parser(prog="simulate regress",
+                     description="Compare projected throughput with the baseline table.")
+    parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
+    parser.add_argument("--hw-dir", type=Path, default=None,
+                        help="hardware files to run instead of the shipped ones")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="fraction (0.01 = 1 %%)")
+    parser.add_argument("--update", action="store_true", help="rewrite the baseline")
+    args = parser.parse_args(argv)
+    return regress(args.baseline, args.hw_dir, args.tolerance, args.update)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `simulate` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     handler = {"schema": _schema, "trace": _trace, "list": _list,
-               "validate": _validate, "op": _op, "check": _check}.get(command or "", _run)
+               "validate": _validate, "op": _op, "check": _check,
+               "regress": _regress}.get(command or "", _run)
     try:
         return handler(argv[1:] if command else argv)
     except UserError as exc:
