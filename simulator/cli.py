@@ -8,6 +8,7 @@
     simulate op gemm|attention ...  one kernel: latency_s, flops, bytes_moved, tflops
     simulate check --hw HW --model tiny   the simulated dataflow computes the right numbers
     simulate regress [--update]     projected throughput against reports/baseline.csv
+    simulate sweep SPEC.yaml --out DIR   a design-space sweep (resumable; Dask with --scheduler)
 
 Every bad input ends in one line on stderr and exit status 2.
 """
@@ -24,7 +25,7 @@ import yaml
 
 from simulator.errors import UserError
 
-COMMANDS = ("schema", "trace", "list", "validate", "op", "check", "regress")
+COMMANDS = ("schema", "trace", "list", "validate", "op", "check", "regress", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -277,13 +278,29 @@ def _regress(argv: Sequence[str]) -> int:
     return regress(args.baseline, args.hw_dir, args.tolerance, args.update)
 
 
+def _sweep(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="simulate sweep", description="Run a design-space sweep.")
+    parser.add_argument("spec", help="sweep spec (YAML)")
+    parser.add_argument("--out", required=True, help="folder for points.jsonl and results.csv")
+    parser.add_argument("--scheduler", default=None, help="Dask scheduler address")
+    parser.add_argument("--workers", type=int, default=None, help="local processes")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    from simulator.sweep import run_sweep
+
+    table = run_sweep(args.spec, args.out, args.scheduler, args.workers,
+                      progress=not args.no_progress)
+    print(f"results: {table}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `simulate` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     handler = {"schema": _schema, "trace": _trace, "list": _list,
                "validate": _validate, "op": _op, "check": _check,
-               "regress": _regress}.get(command or "", _run)
+               "regress": _regress, "sweep": _sweep}.get(command or "", _run)
     try:
         return handler(argv[1:] if command else argv)
     except UserError as exc:

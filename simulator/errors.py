@@ -13,3 +13,13 @@ class UserError(Exception):
         super().__init__(f"{where}: {message}")
         self.where = where
         self.message = message
+
+
+def first_error(errors: list[dict]) -> tuple[str, str]:
+    """(dotted field, message) of the pydantic error to show: an unknown key first, since a
+    misspelt key also makes its real name look missing."""
+    error = min(errors, key=lambda e: e["type"] != "extra_forbidden")
+    field = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
+    if error["type"] == "extra_forbidden":
+        return field or "(top level)", "unknown key (check its spelling)"
+    return field or "(top level)", str(error["msg"]).removeprefix("Value error, ")

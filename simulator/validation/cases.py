@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from simulator.api import simulate
 from simulator.engine.machine import host_transfer_ns
-from simulator.errors import UserError
+from simulator.errors import UserError, first_error
 from simulator.hardware import load_hardware
 from simulator.kernel import attention_flops, attention_op, gemm_op, run_op
 from simulator.report import Result
@@ -122,9 +122,8 @@ def load_cases(path: str | Path) -> list[Case]:
         try:
             cases.append(Case.model_validate(item))
         except ValidationError as exc:
-            error = exc.errors()[0]
-            field_name = ".".join(str(p) for p in error["loc"])
-            raise UserError(f"{path}: cases[{number}].{field_name}", error["msg"]) from None
+            field_name, message = first_error(exc.errors())
+            raise UserError(f"{path}: cases[{number}].{field_name}", message) from None
     return cases
 
 

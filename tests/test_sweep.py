@@ -1,0 +1,102 @@
+"""Sweeps: resumable after kill -9, identical with local processes and a Dask cluster."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simulator.cli import main
+from simulator.sweep import load, points, run_sweep
+
+# 2 machines × 10 core counts × 10 clocks = 200 points of the tiny model
+SPEC_200 = {"hardware": ["fpga_1core.yaml", "fpga_1core_burst.yaml"],
+            "grid": {"cores.count": [1, 2, 3, 4, 6, 8, 12, 16, 20, 26],
+                     "clock": [f"{c} MHz" for c in (50, 60, 75, 100, 125, 150, 175, 200, 250,
+                                                    300)]},
+            "models": ["tiny"]}
+
+
+def write_spec(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_points_are_the_product_with_stable_keys(tmp_path: Path) -> None:
+    from simulator.sweep import load_spec
+
+    spec = load_spec(write_spec(tmp_path, SPEC_200))
+    first, second = points(spec), points(spec)
+    assert len(first) == 200 and first == second
+    assert len({p["key"] for p in first}) == 200
+
+
+def test_killed_sweep_resumes_without_losing_or_repeating(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, SPEC_200)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "simulator.cli", "sweep", str(spec), "--out", str(out),
+               "--no-progress"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    log = out / "points.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if log.exists() and log.read_text().count("\n") >= 20:
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the sweep and its worker processes
+    process.wait()
+    partial = log.read_text().count("\n")
+    assert 20 <= partial < 200
+    assert not (out / "results.csv").exists()
+    table = run_sweep(spec, out, progress=False)
+    keys = [json.loads(line)["key"] for line in log.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 200
+    frame = load(out)
+    assert len(frame) == 200 and frame["key"].is_unique
+    assert (frame["status"] == "ok").all()
+    assert table.name == "results.csv"
+
+
+def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, {"hardware": ["fpga_1core.yaml"], "models": ["tiny"],
+                                 "grid": {"cores.count": [1, 2, 4]}})
+    out = tmp_path / "out"
+    run_sweep(spec, out, workers=1, progress=False)
+    log = out / "points.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # killed mid-write
+    run_sweep(spec, out, workers=1, progress=False)
+    assert len(load(out)) == 3 and log.read_text().count("\n") == 3
+
+
+def test_local_and_dask_give_identical_rows(tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    spec = write_spec(tmp_path, {"hardware": ["fpga_8core.yaml", "gpu_a100.yaml"],
+                                 "grid": {"memory.dram.capacity": ["40 GiB", "1 KiB"]},
+                                 "models": ["tiny", "tiny-llama"], "phases": ["decode",
+                                                                             "prefill"],
+                                 "prompt": 16, "context": 16})
+    local = run_sweep(spec, tmp_path / "local", workers=2, progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address=None, processes=True) as cluster:
+        remote = run_sweep(spec, tmp_path / "dask", scheduler=cluster.scheduler_address,
+                           progress=False)
+    assert local.read_text() == remote.read_text()
+    frame = load(tmp_path / "local")
+    assert set(frame["status"]) == {"ok", "infeasible"}  # 1 KiB of DRAM holds nothing
+    assert (frame[frame.status == "infeasible"]["message"].str.contains("capacity")).all()
+
+
+def test_bad_spec_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = write_spec(tmp_path, {"hardware": ["fpga_1core.yaml"], "modles": ["tiny"]})
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "o")]) == 2
+    assert "modles" in capsys.readouterr().err
+    assert main(["sweep", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
