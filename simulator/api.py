@@ -64,13 +64,15 @@ def simulate(hw: Hardware | str | Path, model: ModelConfig | str, *, phase: Phas
              mapping: Mapping = "tensor", hw_set: MappingType[str, Any] | None = None,
              model_set: MappingType[str, str] | None = None,
              granularity: int = DEFAULT_GRANULARITY, use_cache: bool = True,
-             trace_file: str | Path | None = None) -> Result:
+             trace_file: str | Path | None = None, plot_dir: str | Path | None = None
+             ) -> Result:
     """Simulate one step of `model` on `hw`.
 
     decode: one new token for each of `batch` sequences after `context` tokens;
     prefill: `batch` prompts of `prompt` tokens. `hw_set` overrides dotted YAML paths
     (values with units, e.g. {"clock": "54 MHz"}); `model_set` overrides config fields.
-    `trace_file` receives a Chrome/Perfetto timeline of the run.
+    `trace_file` receives a Chrome/Perfetto timeline of the run; `plot_dir` the per-layer
+    breakdown and roofline PNGs.
     """
     _check_shape(phase, batch, context, prompt)
     machine = hw if isinstance(hw, Hardware) else load_hardware(hw, hw_set)
@@ -84,4 +86,11 @@ def simulate(hw: Hardware | str | Path, model: ModelConfig | str, *, phase: Phas
         from simulator.timeline import to_json
 
         write_atomic(trace_file, to_json(machine, trace, timeline), "--trace")
+    if plot_dir is not None:
+        from simulator.plots import save_result_plots
+
+        try:
+            save_result_plots(result, machine, plot_dir)
+        except OSError as exc:
+            raise UserError(f"--plot {plot_dir}", f"cannot write there ({exc.strerror})") from None
     return result

@@ -79,6 +79,8 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-cache", action="store_true", help="recapture the trace")
     parser.add_argument("--trace", metavar="FILE.json",
                         help="write a Chrome/Perfetto timeline (open at ui.perfetto.dev)")
+    parser.add_argument("--plot", metavar="DIR",
+                        help="write layers.png (per-layer breakdown) and roofline.png")
     return parser
 
 
@@ -94,7 +96,7 @@ def _run(argv: Sequence[str]) -> int:
         hw_set=_pairs(args.hw_set, "--hw-set", True),
         model_set=_pairs(args.model_set, "--model-set", False),
         granularity=args.granularity or DEFAULT_GRANULARITY, use_cache=not args.no_cache,
-        trace_file=args.trace)
+        trace_file=args.trace, plot_dir=args.plot)
     if args.format == "json":
         print(result.to_json())
     elif args.format == "csv":
@@ -285,12 +287,17 @@ def _sweep(argv: Sequence[str]) -> int:
     parser.add_argument("--scheduler", default=None, help="Dask scheduler address")
     parser.add_argument("--workers", type=int, default=None, help="local processes")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--plot", action="store_true", help="write DIR/pareto.png")
     args = parser.parse_args(argv)
-    from simulator.sweep import run_sweep
+    from simulator.sweep import load, run_sweep
 
     table = run_sweep(args.spec, args.out, args.scheduler, args.workers,
                       progress=not args.no_progress)
     print(f"results: {table}")
+    if args.plot:
+        from simulator.plots import save_pareto
+
+        print(f"plot: {save_pareto(load(args.out), args.out)}")
     return 0
 
 
