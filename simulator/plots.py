@@ -58,7 +58,10 @@ def roofline(result: Result, hw: Hardware, ax: Any, label: str | None = None) ->
     intensity = ops.ops / ops.dram_bytes
     achieved = ops.ops / ops.latency_s
     ax.scatter(intensity, achieved, s=8, alpha=0.6, label=label or hw.name)
-    bandwidth = hw.memory.dram.bandwidth_per_channel * hw.memory.dram.channels
+    dram = hw.memory.dram
+    ports = hw.cores.count * dram.access_width / 8 / dram.access_interval.ns(hw.core_clock) * 1e9
+    # the memory roof: the DRAM channels, or every core's port where those are narrower
+    bandwidth = min(dram.bandwidth_per_channel * dram.channels * dram.efficiency, ports)
     for name, unit in hw.cores.units.items():
         dtype = next((d for d in ("bf16", "ternary", "fp32") if d in unit.ops_per_cycle),
                      max(unit.ops_per_cycle, key=unit.ops_per_cycle.__getitem__))
@@ -67,7 +70,8 @@ def roofline(result: Result, hw: Hardware, ax: Any, label: str | None = None) ->
         ax.plot([knee / 1e3, knee, knee * 1e3], [bandwidth * knee / 1e3, peak, peak], lw=0.8,
                 label=f"{name} ({dtype})")
     ax.set(xscale="log", yscale="log", xlabel="operations per DRAM byte",
-           ylabel="operations per second", title="roofline (lines: DRAM × peak of each unit)")
+           ylabel="operations per second",
+           title="roofline (lines: memory roof × peak of each unit)")
     ax.legend(fontsize=7)
 
 
