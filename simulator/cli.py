@@ -311,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(argv[1:] if command else argv)
     except UserError as exc:
-        print(f"simulate: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever a library put in it
+        print(f"simulate: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("simulate: interrupted", file=sys.stderr)

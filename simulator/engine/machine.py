@@ -43,12 +43,6 @@ class Usage:
         self.busy_ns[track] = self.busy_ns.get(track, 0.0) + ns
 
 
-def cores_per_channel(hw: Hardware) -> int:
-    """Cores attached to the busiest DRAM channel (1 where traffic interleaves)."""
-    dram = hw.memory.dram
-    return 1 if dram.interleave else math.ceil(hw.cores.count / dram.channels)
-
-
 def host_transfer_ns(hw: Hardware, nbytes: float) -> float:
     """Time to move `nbytes` from the host into device DRAM, in ns.
 
@@ -63,7 +57,7 @@ def host_transfer_ns(hw: Hardware, nbytes: float) -> float:
     writes = math.ceil(nbytes / link.transaction) if link.transaction else 1
     base = (link.latency.ns(clock) + writes * link.transaction_time.ns(clock)
             + nbytes / link.bandwidth * 1e9)
-    return base * hw.memory.dram.arbitration_growth ** (cores_per_channel(hw) - 1)
+    return base * hw.memory.dram.arbitration_growth ** (hw.cores_per_channel - 1)
 
 
 class Machine:

@@ -76,7 +76,7 @@ def parse_yaml(text: str, shown: str) -> tuple[Any, yaml.Node | None]:
         problem = exc.problem or exc.context or "invalid YAML"
         raise UserError(f"{shown}{line}", f"YAML syntax error: {problem}") from None
     except yaml.YAMLError as exc:
-        raise UserError(shown, f"YAML error: {exc}") from None
+        raise UserError(shown, f"YAML error: {str(exc).splitlines()[0]}") from None
     except RecursionError:
         raise UserError(shown, "YAML nested too deeply") from None
     return data, node

@@ -8,6 +8,7 @@ the owning clock ("4 cycle"). Unknown keys are rejected so a typo never becomes 
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal, NamedTuple
 
 from pydantic import (
@@ -23,6 +24,8 @@ from pydantic import (
 
 from simulator.units import UnitError, parse
 
+#: Largest host-path slow-down (log10) the arbitration growth may reach.
+MAX_ARBITRATION_LOG10 = 6
 #: Data types a functional unit can be rated for.
 DType = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int32", "int8", "int4", "int2", "ternary"]
 #: Classes of traced ops a vector unit can be given (see simulator.workload.trace.OpKind).
@@ -61,6 +64,8 @@ Bits = Annotated[float, _quantity("bits", positive=True), _schema("bits", "512 b
 Energy = Annotated[float, _quantity("energy", positive=False), _schema("energy", "0.9 pJ")]
 Power = Annotated[float, _quantity("power", positive=False), _schema("power", "13.4 W")]
 Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+#: A whole number written as one (a YAML `true` or `1.5` is an error, not 1).
+TileSize = Annotated[int, Field(strict=True, ge=1, le=1 << 16)]
 Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 
 
@@ -127,7 +132,7 @@ class Unit(Strict):
     latency: DelayField = Delay()
     handles: tuple[VectorClass, ...] | None = Field(
         default=None, description="vector units only: op classes this unit executes")
-    stages: int = Field(default=1, ge=1, le=64,
+    stages: int = Field(default=1, ge=1, le=64, strict=True,
                         description="sequential passes over the data per op (RMS unit: 3)")
     slow_ops: dict[str, Rate] = Field(
         default_factory=dict,
@@ -135,25 +140,25 @@ class Unit(Strict):
     efficiency: Fraction = Field(
         default=1.0, description="fraction of the rated throughput sustained in a kernel's "
                                  "main loop (matrix units of GPU-like machines)")
-    tiles: tuple[tuple[int, int, int], ...] = Field(
+    tiles: tuple[tuple[TileSize, TileSize, TileSize], ...] = Field(
         default=(), description="thread-block tiles (tm, tn, tk) a GEMM library picks from; "
                                 "empty: ops are split across cores without tiling")
 
 
 class Cores(Strict):
-    count: int = Field(ge=1, le=100_000)
+    count: int = Field(ge=1, le=100_000, strict=True)
     clock: Frequency | None = None
     units: dict[str, Unit] = Field(min_length=1)
     sram: Size = Field(description="on-chip tile buffer/register file per core")
     issue: DelayField = Field(default=Delay(), description="per op issued on a core")
     pipeline_stages: int = Field(
-        default=2, ge=1, le=16,
+        default=2, ge=1, le=16, strict=True,
         description="chunks a core's loads may run ahead of its compute (2: double buffering)")
 
 
 class Dram(Strict):
     kind: str
-    channels: int = Field(ge=1, le=4096)
+    channels: int = Field(ge=1, le=4096, strict=True)
     bandwidth_per_channel: Bandwidth
     efficiency: Fraction = 1.0
     latency: DelayField = Delay()
@@ -199,10 +204,10 @@ class Overheads(Strict):
 class FlashAttention(Strict):
     """FlashAttention-2 kernel shape and the costs a roofline cannot see."""
 
-    q_tile: int = Field(default=128, ge=1, le=1024)
-    kv_tile: int = Field(default=64, ge=1, le=1024)
-    backward_q_tile: int = Field(default=64, ge=1, le=1024)
-    backward_kv_tile: int = Field(default=128, ge=1, le=1024)
+    q_tile: int = Field(default=128, ge=1, le=1024, strict=True)
+    kv_tile: int = Field(default=64, ge=1, le=1024, strict=True)
+    backward_q_tile: int = Field(default=64, ge=1, le=1024, strict=True)
+    backward_kv_tile: int = Field(default=128, ge=1, le=1024, strict=True)
     efficiency: Fraction = Field(default=1.0, description="tensor-core efficiency of its loops")
     softmax_overlap: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False,
                                    description="share of softmax work hidden under matmuls")
@@ -269,6 +274,22 @@ class Hardware(Strict):
                         f"power.op_energy.{unit.kind} has no energy for {dtype} "
                         f"(used by cores.units.{name}); give '{dtype}' or 'default'")
         return self
+
+    @model_validator(mode="after")
+    def _arbitration_stays_finite(self) -> Hardware:
+        growth, extra = self.memory.dram.arbitration_growth, self.cores_per_channel - 1
+        if extra and math.log10(growth) * extra > MAX_ARBITRATION_LOG10:
+            raise ValueError(
+                f"memory.dram.arbitration_growth {growth:g} over {self.cores_per_channel} "
+                f"cores per channel multiplies host latency by {growth:g}^{extra}; expected "
+                f"at most 1e{MAX_ARBITRATION_LOG10} (add channels or lower the growth)")
+        return self
+
+    @property
+    def cores_per_channel(self) -> int:
+        """Cores attached to the busiest DRAM channel (1 where traffic interleaves)."""
+        dram = self.memory.dram
+        return 1 if dram.interleave else math.ceil(self.cores.count / dram.channels)
 
     @property
     def core_clock(self) -> float:
