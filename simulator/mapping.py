@@ -194,12 +194,16 @@ def _from_work(work: list[CoreWork], hw: Hardware, unit_name: str, unit: Unit,
     groups: dict[CoreWork, list[int]] = {}
     for core, item in enumerate(work):
         groups.setdefault(item, []).append(core)
+    shared_cache = hw.memory.l2 is not None
     return tuple(
         Part(cores=tuple(cores), channel=0, unit=unit_name,
              chunks=max(1, min(item.units, granularity)),
-             dram_load_bytes=item.dram_load_bytes, dram_store_bytes=item.dram_store_bytes,
-             l2_bytes=item.l2_bytes, sram_bytes=0.0, compute_ns=item.compute_ns,
-             latency_ns=unit.latency.ns(hw.core_clock))
+             # without a shared L2 every tile's loads, re-reads included, come from DRAM
+             dram_load_bytes=item.dram_load_bytes if shared_cache else max(
+                 item.dram_load_bytes, item.l2_bytes - item.dram_store_bytes),
+             dram_store_bytes=item.dram_store_bytes,
+             l2_bytes=item.l2_bytes if shared_cache else 0.0, sram_bytes=0.0,
+             compute_ns=item.compute_ns, latency_ns=unit.latency.ns(hw.core_clock))
         for item, cores in groups.items())
 
 

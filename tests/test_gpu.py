@@ -139,3 +139,11 @@ def test_llama2_7b_on_a100_from_first_principles(capsys: pytest.CaptureFixture[s
     prefill = json.loads(capsys.readouterr().out)
     flops = 2 * 6.74e9 * 2048  # ≈ 2 × parameters × tokens
     assert flops / 312e12 < prefill["latency_s"] < 2 * flops / 312e12
+
+
+def test_a_gpu_without_l2_reads_tiles_from_dram() -> None:
+    no_l2 = load_hardware("gpu_a100.yaml", {"memory.l2": None})
+    with_l2 = run_op(A100, gemm_op(2048, 2048, 2048))
+    without = run_op(no_l2, gemm_op(2048, 2048, 2048))
+    assert without.bytes_moved > 2 * with_l2.bytes_moved  # re-reads reach DRAM
+    assert without.latency_s >= with_l2.latency_s
