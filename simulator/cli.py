@@ -196,7 +196,7 @@ def _op(argv: Sequence[str]) -> int:
         sub.add_argument("--format", default="table", choices=("table", "json"))
     args = parser.parse_args(argv)
     from simulator.hardware import load_hardware
-    from simulator.kernel import attention_flops, attention_op, gemm_op, run_op
+    from simulator.oprun import attention_flops, attention_op, gemm_op, run_op
 
     overrides = _pairs(args.hw_set, "--hw-set", True)
     if args.kernel == "attention" and args.unfused:

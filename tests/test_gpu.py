@@ -10,7 +10,7 @@ import yaml
 from simulator.calibration import flash
 from simulator.cli import main
 from simulator.hardware import load_hardware
-from simulator.kernel import attention_flops, attention_op, gemm_op, run_op
+from simulator.oprun import attention_flops, attention_op, gemm_op, run_op
 from simulator.studies.gemm import peak_tflops
 from simulator.tiling import plan_gemm
 from simulator.validation.cases import load_cases, run_cases, shipped_case_files

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from simulator.files import write_atomic
 from simulator.hardware import Hardware, load_hardware
-from simulator.kernel import gemm_op, run_op
+from simulator.oprun import gemm_op, run_op
 
 MACHINES = ("gpu_a100.yaml", "gpu_h100.yaml")
 SQUARE = tuple(int(256 * 2 ** (i / 2)) // 64 * 64 for i in range(13))  # 256 … 16384

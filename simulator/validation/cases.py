@@ -24,7 +24,7 @@ from simulator.api import simulate
 from simulator.engine.machine import host_transfer_ns
 from simulator.errors import UserError, first_error
 from simulator.hardware import load_hardware
-from simulator.kernel import attention_flops, attention_op, gemm_op, run_op
+from simulator.oprun import attention_flops, attention_op, gemm_op, run_op
 from simulator.report import Result
 from workloads.config import resolve_model
 
