@@ -20,7 +20,7 @@ work under fair sharing; it keeps 108-SM GPUs cheap). Work is cut into at most
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from simulator.errors import UserError
@@ -292,9 +292,25 @@ def map_op(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: int)
                 energy_ops=op.ops * factor, lane_deps=mapping == "batch")
 
 
+def _signature(op: Op) -> tuple:
+    """What the mapping of an op depends on: everything but its name, place and producers."""
+    return (op.fn, op.kind, op.dtype, op.ops, op.weight_bytes, op.state_read_bytes,
+            op.state_write_bytes, op.input_bytes, op.output_bytes, tuple(sorted(op.dims.items())))
+
+
 def map_trace(trace: Trace, hw: Hardware, mapping: Mapping = "tensor",
               granularity: int = DEFAULT_GRANULARITY) -> list[Task]:
-    """Map every op of `trace` onto `hw`."""
+    """Map every op of `trace` onto `hw` (ops that recur in every layer are mapped once)."""
     if granularity < 1:
         raise UserError("--granularity", "expected a whole number of chunks ≥ 1")
-    return [map_op(op, hw, mapping, trace.batch, granularity) for op in trace.ops]
+    mapped: dict[tuple, Task] = {}
+    tasks = []
+    for op in trace.ops:
+        key = _signature(op)
+        known = mapped.get(key)
+        if known is None:
+            known = mapped[key] = map_op(op, hw, mapping, trace.batch, granularity)
+            tasks.append(known)
+        else:
+            tasks.append(replace(known, op=op))
+    return tasks

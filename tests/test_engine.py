@@ -106,3 +106,39 @@ def test_launch_overhead_is_serial(machine_data: dict[str, Any]) -> None:
     machine_data["cores"]["count"] = 1
     machine_data["overheads"] = {"launch": "2 us"}
     assert run(machine_data, op(0, ops=6400), op(1, ops=6400)) == pytest.approx(2 * 3000.0)
+
+
+def test_one_stream_replay_equals_simulating_every_op() -> None:
+    """Ops that recur on a one-stream machine are simulated once: same timeline."""
+    from simulator.engine.simulation import _Run
+    from simulator.hardware import load_hardware
+    from simulator.workload.cache import get_trace
+    from workloads.config import resolve_model
+
+    hw = load_hardware("gpu_a100.yaml")
+    trace = get_trace(resolve_model("tiny-llama"), "prefill", 2, 0, 96)
+    tasks = map_trace(trace, hw)
+    replayed = simulate_tasks(hw, tasks, 64.0, record=True)
+    full = _Run(hw, tasks, record=True).run(64.0)
+    assert replayed.events < full.events
+    assert replayed.makespan_ns == pytest.approx(full.makespan_ns, rel=1e-12)
+    assert replayed.op_end_ns == pytest.approx(full.op_end_ns, rel=1e-12)
+    assert replayed.op_start_ns == pytest.approx(full.op_start_ns, rel=1e-12)
+    assert replayed.usage.busy_ns == pytest.approx(full.usage.busy_ns, rel=1e-12)
+    assert replayed.usage.dram_bytes == pytest.approx(full.usage.dram_bytes, rel=1e-12)
+    key = lambda s: (s.track, s.op, round(s.start_ns, 3), round(s.end_ns, 3))  # noqa: E731
+    assert sorted(map(key, replayed.slices)) == sorted(map(key, full.slices))
+
+
+def test_recurring_ops_are_mapped_once_with_their_own_identity() -> None:
+    from simulator.hardware import load_hardware
+    from simulator.mapping import map_op
+    from simulator.workload.cache import get_trace
+    from workloads.config import resolve_model
+
+    hw = load_hardware("fpga_8core.yaml")
+    trace = get_trace(resolve_model("tiny"), "decode", 1, 16, 0)
+    tasks = map_trace(trace, hw)
+    assert [task.op for task in tasks] == list(trace.ops)
+    assert [task.stages for task in tasks] == [
+        map_op(o, hw, "tensor", 1, 8).stages for o in trace.ops]

@@ -42,6 +42,15 @@ class Usage:
     def add(self, track: str, ns: float) -> None:
         self.busy_ns[track] = self.busy_ns.get(track, 0.0) + ns
 
+    def merge(self, other: Usage) -> None:
+        """Add what `other` did to this usage."""
+        for track, ns in other.busy_ns.items():
+            self.add(track, ns)
+        self.dram_bytes += other.dram_bytes
+        self.dram_activated_bytes += other.dram_activated_bytes
+        self.l2_bytes += other.l2_bytes
+        self.host_bytes += other.host_bytes
+
 
 def host_transfer_ns(hw: Hardware, nbytes: float) -> float:
     """Time to move `nbytes` from the host into device DRAM, in ns.
