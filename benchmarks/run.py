@@ -22,7 +22,7 @@ import yaml
 from simulator.api import simulate
 from simulator.sweep import run_sweep
 
-FINEST = 64  # chunks per part; the default is simulator.mapping.DEFAULT_GRANULARITY
+FINEST = 10**6  # chunks per part: every tile its own chunk (the default: DEFAULT_GRANULARITY)
 CASES = [
     ("main job: fpga_8core, 1.3b, decode", "fpga_8core.yaml", "1.3b", {}, 1.0),
     ("transformerpp-13b prefill 2048, gpu_a100", "gpu_a100.yaml", "transformerpp-13b",

@@ -75,7 +75,7 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mapping", default="tensor", choices=("tensor", "batch"))
     parser.add_argument("--format", default="table", choices=("table", "json", "csv"))
     parser.add_argument("--granularity", type=int, default=None,
-                        help="max coalesced chunks per op and core (default 8)")
+                        help="max coalesced chunks per op and core (default 64)")
     parser.add_argument("--no-cache", action="store_true", help="recapture the trace")
     parser.add_argument("--trace", metavar="FILE.json",
                         help="write a Chrome/Perfetto timeline (open at ui.perfetto.dev)")

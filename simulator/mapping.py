@@ -31,7 +31,7 @@ from simulator.workload.trace import Op, Trace
 
 Mapping = Literal["tensor", "batch"]
 #: Default cap on coalesced chunks per part (see the engine's granularity knob).
-DEFAULT_GRANULARITY = 8
+DEFAULT_GRANULARITY = 64
 #: Element operations per attention score on the vector unit (max, sub, sum, scale).
 SOFTMAX_OPS_PER_SCORE = 4
 #: Passes over the scores of an unfused softmax forward, and over P and dP backward.

@@ -10,15 +10,16 @@ import csv
 import io
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from simulator.engine import Timeline
 from simulator.hardware.schema import Hardware
 from simulator.mapping import Task
 from simulator.power import Energy
 from simulator.workload.trace import Trace
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,13 @@ class Result:
         return json.dumps(self.to_dict(with_ops), sort_keys=True, indent=2)
 
     def layers_frame(self) -> pd.DataFrame:
+        import pandas as pd  # on demand: it costs a second of start-up
+
         return pd.DataFrame([asdict(layer) for layer in self.layers])
 
     def ops_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
         frame = pd.DataFrame([asdict(op) for op in self.ops])
         frame["latency_s"] = frame["end_s"] - frame["start_s"]
         return frame

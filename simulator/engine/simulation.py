@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import simpy
 
-from simulator.engine.machine import Machine, Process, Slice, Usage
+from simulator.engine.machine import Fifo, Machine, Process, Slice, Tokens, Usage
 from simulator.hardware.schema import Hardware
 from simulator.mapping import Part, Task
 
@@ -46,7 +46,7 @@ class _Run:
         self.barrier_ns = hw.overheads.barrier.ns(hw.core_clock)
         self.issue_ns = hw.cores.issue.ns(hw.core_clock)
         self.stages = hw.cores.pipeline_stages
-        self.launcher = simpy.Resource(self.env, capacity=1)
+        self.launcher = Fifo(self.env)
         self.done: list[simpy.Event] = []
         self.part_done: list[list[simpy.Event]] = []
         self.start = [0.0] * len(tasks)
@@ -69,21 +69,21 @@ class _Run:
         store = part.dram_store_bytes / chunks
         l2 = part.l2_bytes / chunks
         compute = part.compute_ns / chunks
-        buffer = slots = None
+        arrived = slots = None
         if load or l2:  # a pipeline of `stages` chunks in flight ahead of the compute
-            buffer = simpy.Store(env)
-            slots = simpy.Container(env, capacity=self.stages, init=self.stages)
-            env.process(self._loader(index, part, chunks, load, l2, buffer, slots))
+            arrived, slots = Tokens(env, 0), Tokens(env, self.stages)
+            env.process(self._loader(index, part, chunks, load, l2, arrived, slots))
         stores = []
         for chunk in range(chunks):
-            if buffer is not None:
-                yield buffer.get()
-            with unit.request() as request:
-                yield request
-                started = env.now
-                yield self._timeout(compute + (part.latency_ns if chunk == 0 else 0.0))
+            if arrived is not None and (wait := arrived.take()) is not None:
+                yield wait
+            if (wait := unit.acquire()) is not None:
+                yield wait
+            started = env.now
+            yield self._timeout(compute + (part.latency_ns if chunk == 0 else 0.0))
+            unit.release()
             if slots is not None:
-                yield slots.put(1)
+                slots.give()
             if self.record:
                 self.slices.append(Slice(f"core{part.cores[0]}.{part.unit}", index, started,
                                          env.now))
@@ -95,30 +95,26 @@ class _Run:
         self.events += 2 * chunks
 
     def _loader(self, index: int, part: Part, chunks: int, load: float, l2: float,
-                buffer: simpy.Store, slots: simpy.Container) -> Process:
+                arrived: Tokens, slots: Tokens) -> Process:
         """Issue each chunk's loads once a pipeline slot is free; a chunk becomes ready one
         access latency after its bytes have crossed, without holding up the next load."""
         env, machine = self.env, self.machine
         latency = machine.dram_latency_ns if load else 0.0
-        for chunk in range(chunks):
-            yield slots.get(1)
-            moves = []
-            if load:
-                moves.append(env.process(machine.dram_transfer(
-                    load, part.cores, part.channel, through_port=not l2, wait_latency=False,
-                    op=index)))
-            if l2:
-                moves.append(env.process(machine.l2_transfer(l2, part.cores, op=index)))
-            yield simpy.AllOf(env, moves) if len(moves) > 1 else moves[0]
-            if latency:
-                env.process(self._arrive(buffer, chunk, latency))
+        for _ in range(chunks):
+            if (wait := slots.take()) is not None:
+                yield wait
+            dram = machine.dram_transfer(load, part.cores, part.channel, through_port=not l2,
+                                         wait_latency=False, op=index) if load else None
+            cache = machine.l2_transfer(l2, part.cores, op=index) if l2 else None
+            if dram and cache:
+                yield simpy.AllOf(env, [env.process(dram), env.process(cache)])
             else:
-                yield buffer.put(chunk)
+                yield from dram or cache  # type: ignore[misc]
+            if latency:
+                env.timeout(latency).callbacks.append(arrived.give)
+            else:
+                arrived.give()
         self.events += 3 * chunks
-
-    def _arrive(self, buffer: simpy.Store, chunk: int, latency: float) -> Process:
-        yield self.env.timeout(latency)
-        yield buffer.put(chunk)
 
     def _task(self, index: int, task: Task, prerequisites: list[simpy.Event],
               lanes: list[list[simpy.Event]]) -> Process:
@@ -128,9 +124,10 @@ class _Run:
         last = len(task.stages) - 1
         for number, stage in enumerate(task.stages):
             if self.launch_ns:
-                with self.launcher.request() as request:
-                    yield request
-                    yield self._timeout(self.launch_ns)
+                if (wait := self.launcher.acquire()) is not None:
+                    yield wait
+                yield self._timeout(self.launch_ns)
+                self.launcher.release()
             if number == 0:
                 self.start[index] = env.now
             go = env.event()
