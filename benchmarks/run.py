@@ -41,12 +41,16 @@ def timed(repeat: int, hw: str, model: str, **kwargs: object) -> tuple[float, ob
     return statistics.median(times), result
 
 
-def command_seconds() -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "simulator.cli", "--hw", "fpga_8core.yaml",
-                    "--model", "1.3b", "--format", "json"], check=True,
-                   stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+def command_seconds(repeat: int) -> float:
+    """Median wall time of the main job as a fresh process (trace already cached)."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "simulator.cli", "--hw", "fpga_8core.yaml",
+                        "--model", "1.3b", "--format", "json"], check=True,
+                       stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def sweep_seconds(points: int) -> float:
@@ -75,7 +79,8 @@ def main() -> None:
         target_text = f"≤{target:g}" if target else ""
         print(f"{name:<44}{seconds:>8.2f}{target_text:>8}{result.events:>10}"
               f"{result.events / seconds:>11.0f}{gap:>+15.3%}")
-    print(f"{'main job, whole command (start-up incl.)':<44}{command_seconds():>8.2f}{'≤3':>8}")
+    command = command_seconds(args.repeat)
+    print(f"{'main job, whole command (start-up incl.)':<44}{command:>8.2f}{'≤3':>8}")
     print(f"{'100-point FPGA sweep (1.3b)':<44}{sweep_seconds(100):>8.2f}{'≤60':>8}")
     if args.quick:
         return
