@@ -36,7 +36,7 @@ class Fifo:
         self.waiting.append(event)
         return event
 
-    def release(self) -> None:
+    def release(self, _event: object = None) -> None:
         if self.waiting:
             self.waiting.popleft().succeed()
         else:
@@ -163,6 +163,12 @@ class Machine:
         if (wait := shared.acquire()) is not None:
             yield wait
         held = env.now
+        if port is not None and self.slices is None:
+            # the shared resource is let go by a callback, so one wake-up serves both
+            env.timeout(held_ns).callbacks.append(shared.release)
+            yield env.timeout(max(held_ns, start + port_ns - held))
+            port.release()
+            return
         yield env.timeout(held_ns)
         shared.release()
         self._note(track, op, held, nbytes)
