@@ -35,9 +35,11 @@ def get_trace(cfg: ModelConfig, phase: Phase, batch: int, context: int, prompt: 
               use_cache: bool = True) -> Trace:
     """The trace of one step, from the cache when present, else captured (and cached)."""
     path = cache_dir() / f"{_key(cfg, phase, batch, context, prompt)}.json"
+    if use_cache and (known := _RECENT.get(path)) is not None:
+        return known
     if use_cache and path.is_file():
         try:
-            return Trace.load(path)
+            return _remember(path, Trace.load(path))
         except (ValueError, TypeError, KeyError, OSError):
             path.unlink(missing_ok=True)
     from simulator.workload.capture import capture  # imports torch: only on a miss
@@ -46,4 +48,17 @@ def get_trace(cfg: ModelConfig, phase: Phase, batch: int, context: int, prompt: 
     if use_cache:
         with contextlib.suppress(UserError):  # an unwritable cache only costs speed
             write_atomic(path, trace.to_json(), "cache")
+    return _remember(path, trace)
+
+
+#: Traces this process used last (they are immutable): a sweep reads each file once.
+_RECENT: dict[Path, Trace] = {}
+_RECENT_SIZE = 8
+
+
+def _remember(path: Path, trace: Trace) -> Trace:
+    _RECENT.pop(path, None)
+    _RECENT[path] = trace
+    while len(_RECENT) > _RECENT_SIZE:
+        del _RECENT[next(iter(_RECENT))]
     return trace
