@@ -86,12 +86,12 @@ def main() -> None:
         return
     print("\ncost against layers (mmfree, d = 2048, fpga_8core decode):")
     for layers in (6, 12, 24, 48):
-        seconds, result = timed(1, "fpga_8core.yaml", "1.3b",
+        seconds, result = timed(args.repeat, "fpga_8core.yaml", "1.3b",
                                 model_set={"num_hidden_layers": str(layers)})
         print(f"  {layers:>3} layers: {seconds:6.2f} s, {result.events} events")
     print("cost against prompt (llama2-7b prefill, gpu_a100):")
     for prompt in (256, 512, 1024, 2048, 4096):
-        seconds, result = timed(1, "gpu_a100.yaml", "llama2-7b", phase="prefill",
+        seconds, result = timed(args.repeat, "gpu_a100.yaml", "llama2-7b", phase="prefill",
                                 prompt=prompt)
         print(f"  {prompt:>5} tokens: {seconds:6.2f} s, {result.events} events")
 
