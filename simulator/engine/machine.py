@@ -44,7 +44,8 @@ class Fifo:
 
 
 class Tokens:
-    """A counter one process takes from (waiting while it is empty) and others give to."""
+    """A counter one process takes from (waiting while it is empty) and others give to:
+    the pipeline's free slots (taken by the loader) and its arrived chunks (by the part)."""
 
     __slots__ = ("count", "env", "waiter")
 
@@ -56,6 +57,7 @@ class Tokens:
         if self.count:
             self.count -= 1
             return None
+        assert self.waiter is None, "Tokens serve one taker"
         self.waiter = self.env.event()
         return self.waiter
 
