@@ -100,7 +100,3 @@ def _parse_text(text: str, dimension: str) -> float:
         raise UnitError(f"'{text}' is not a finite {dimension}")
     return value
 
-
-def format_quantity(value: float, unit: str) -> str:
-    """Render an SI value with a compact prefix, e.g. 6e7 Hz → '60 MHz'."""
-    return f"{_REGISTRY.Quantity(value, unit).to_compact():~.4g}"

@@ -60,20 +60,17 @@ def fit(cases: list[Case], parameters: list[Parameter], fixed: dict[str, str] | 
     """Parameter values minimising Σ ((simulated − reference) / reference)² over `cases`,
     from each parameter's `base` (or from `start`)."""
     fixed = fixed or {}
-
-    def run(case: Case, values: list[float]) -> float:
-        return _measure(case, parameters, values, fixed)
-
     values = list(start) if start is not None else [p.base for p in parameters]
     for _ in range(iterations):
         rows, rhs = [], []
         for case in cases:
-            here = run(case, values)
+            here = _measure(case, parameters, values, fixed)
             slopes = []
             for i, parameter in enumerate(parameters):
                 moved = list(values)
                 moved[i] += parameter.step
-                slopes.append((run(case, moved) - here) / parameter.step / case.reference)
+                slopes.append((_measure(case, parameters, moved, fixed) - here)
+                              / parameter.step / case.reference)
             rows.append(slopes)
             rhs.append((case.reference - here) / case.reference)
         delta = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0]

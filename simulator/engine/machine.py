@@ -36,7 +36,7 @@ class Fifo:
         self.waiting.append(event)
         return event
 
-    def release(self, _event: object = None) -> None:
+    def release(self) -> None:
         if self.waiting:
             self.waiting.popleft().succeed()
         else:
@@ -165,20 +165,18 @@ class Machine:
         if (wait := shared.acquire()) is not None:
             yield wait
         held = env.now
-        if port is not None and self.slices is None:
-            # the shared resource is let go by a callback, so one wake-up serves both
-            env.timeout(held_ns).callbacks.append(shared.release)
-            yield env.timeout(max(held_ns, start + port_ns - held))
-            port.release()
-            return
-        yield env.timeout(held_ns)
-        shared.release()
-        self._note(track, op, held, nbytes)
+
+        def let_go(_event: object) -> None:
+            shared.release()
+            self._note(track, op, held, nbytes)
+
         if port is None:
+            yield env.timeout(held_ns)
+            let_go(None)
             return
-        remaining = start + port_ns - env.now
-        if remaining > 0:
-            yield env.timeout(remaining)
+        # the shared resource is let go by a callback, so one wake-up serves both
+        env.timeout(held_ns).callbacks.append(let_go)
+        yield env.timeout(max(held_ns, start + port_ns - held))
         port.release()
         self._note(f"core{core}.dma", op, start, nbytes)
 

@@ -35,10 +35,7 @@ class Timeline:
 
 
 class _Run:
-    def __init__(self, hw: Hardware, tasks: list[Task], record: bool,
-                 alone: bool = False) -> None:
-        """`alone`: the tasks' producers are not in `tasks`; start them at once."""
-        self.alone = alone
+    def __init__(self, hw: Hardware, tasks: list[Task], record: bool) -> None:
         self.env = simpy.Environment()
         self.machine = Machine(self.env, hw, record)
         self.hw, self.tasks, self.record = hw, tasks, record
@@ -154,7 +151,7 @@ class _Run:
         processes = []
         overlap = self.hw.scheduling.overlap_ops
         for index, task in enumerate(self.tasks):
-            deps = [] if self.alone else list(task.op.deps)
+            deps = list(task.op.deps)
             if not overlap and index > 0:
                 deps.append(index - 1)
             lanes: list[list[simpy.Event]] = []
@@ -182,7 +179,8 @@ def _one_stream(hw: Hardware, tasks: list[Task], host_bytes: float, record: bool
     for index, task in enumerate(tasks):
         run = alone.get(task.stages)
         if run is None:
-            run = alone[task.stages] = _Run(hw, [task], record, alone=True).run(0.0)
+            by_itself = replace(task, op=replace(task.op, deps=()))
+            run = alone[task.stages] = _Run(hw, [by_itself], record).run(0.0)
             events += run.events
         starts.append(now + run.op_start_ns[0])
         ends.append(now + run.op_end_ns[0])

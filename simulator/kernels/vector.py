@@ -35,11 +35,6 @@ def mlgru_scan(f: np.ndarray, c: np.ndarray, h0: np.ndarray) -> tuple[np.ndarray
     return out, h
 
 
-def glu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """SiLU(gate) ⊙ up."""
-    return silu(gate.astype(np.float32)) * up
-
-
 def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal_offset: int | None,
                     kv_tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One query block against keys/values in tiles, with the online softmax of FA-2.
