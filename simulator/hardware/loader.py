@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from simulator.errors import UserError
 from simulator.hardware.schema import Hardware
+from simulator.yamlfile import UniqueKeyLoader, describe
 
 #: Largest hardware file we read; a machine description is a few KiB.
 MAX_FILE_BYTES = 1 << 20
@@ -69,12 +70,9 @@ def parse_yaml(text: str, shown: str) -> tuple[Any, yaml.Node | None]:
         if node is not None and _count_nodes(node, MAX_NODES) > MAX_NODES:
             raise UserError(shown, f"expands to more than {MAX_NODES} YAML nodes "
                                    "(aliases nested too deep)")
-        data = yaml.load(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise UserError(f"{shown}{line}", f"YAML syntax error: {problem}") from None
+        raise UserError(*describe(exc, shown)) from None
     except yaml.YAMLError as exc:
         raise UserError(shown, f"YAML error: {str(exc).splitlines()[0]}") from None
     except RecursionError:
