@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping as MappingType
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from simulator.engine import Timeline, simulate_tasks
 from simulator.errors import UserError
 from simulator.hardware import Hardware, load_hardware
+from simulator.hardware.schema import Runtime
+from simulator.hardware.select import UnratedDtype, check_mapping
 from simulator.mapping import DEFAULT_GRANULARITY, Mapping, Task, map_trace
 from simulator.power import energy
 from simulator.report import Result, build_result
@@ -25,6 +27,8 @@ HOST_BYTES_PER_TOKEN = 8
 
 
 def _check_shape(phase: str, batch: int, context: int, prompt: int) -> None:
+    """Refuse a step shape no model can run. The model's own limit (max_position_embeddings)
+    is `ModelConfig.check_positions`, which `get_trace` applies to every simulated model."""
     if phase not in ("decode", "prefill"):
         raise UserError("--phase", f"expected 'decode' or 'prefill', not '{phase}'")
     for flag, value, low, high in (("--batch", batch, 1, MAX_BATCH),
@@ -49,11 +53,21 @@ def _check_fits(hw: Hardware, trace: Trace) -> None:
 def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
               granularity: int = DEFAULT_GRANULARITY, record: bool = False
               ) -> tuple[Result, list[Task], Timeline]:
-    """Map and simulate a captured trace; also returns the tasks and timeline."""
-    if mapping not in ("tensor", "batch"):
-        raise UserError("--mapping", f"expected 'tensor' or 'batch', not '{mapping}'")
+    """Map and simulate a captured trace; also returns the tasks and timeline.
+
+    Refused: a mapping the machine does not declare (`scheduling.mappings`), a granularity
+    below 1, a model that does not fit, a matmul or attention dtype the machine has no rate
+    for (named as the model's torch_dtype).
+    """
+    check_mapping(hw, mapping)
+    if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
+        raise UserError("--granularity",
+                        f"expected a whole number of chunks ≥ 1, not {granularity!r}")
     _check_fits(hw, trace)
-    tasks = map_trace(trace, hw, mapping, granularity)
+    try:
+        tasks = map_trace(trace, hw, mapping, granularity)
+    except UnratedDtype as exc:
+        raise exc.for_model(trace.model) from None
     timeline = simulate_tasks(hw, tasks, trace.tokens * HOST_BYTES_PER_TOKEN, record)
     return build_result(hw, trace, tasks, timeline, energy(hw, tasks, timeline), mapping), \
         tasks, timeline
@@ -64,18 +78,20 @@ def simulate(hw: Hardware | str | Path, model: ModelConfig | str, *, phase: Phas
              mapping: Mapping = "tensor", hw_set: MappingType[str, Any] | None = None,
              model_set: MappingType[str, str] | None = None,
              granularity: int = DEFAULT_GRANULARITY, use_cache: bool = True,
-             trace_file: str | Path | None = None, plot_dir: str | Path | None = None
-             ) -> Result:
+             trace_file: str | Path | None = None, plot_dir: str | Path | None = None,
+             runtime: Runtime | None = None) -> Result:
     """Simulate one step of `model` on `hw`.
 
     decode: one new token for each of `batch` sequences after `context` tokens;
     prefill: `batch` prompts of `prompt` tokens. `hw_set` overrides dotted YAML paths
     (values with units, e.g. {"clock": "54 MHz"}); `model_set` overrides config fields.
     `trace_file` receives a Chrome/Perfetto timeline of the run; `plot_dir` the per-layer
-    breakdown and roofline PNGs.
+    breakdown and roofline PNGs. `runtime` (eager or cuda_graphs) replaces the host runtime
+    the hardware file models (`overheads.runtime`); None keeps it.
     """
     _check_shape(phase, batch, context, prompt)
     machine = hw if isinstance(hw, Hardware) else load_hardware(hw, hw_set)
+    machine = with_runtime(machine, runtime)
     cfg = model if isinstance(model, ModelConfig) else resolve_model(model, model_set)
     trace = get_trace(cfg, phase, batch, context if phase == "decode" else 0,
                       prompt if phase == "prefill" else 0, use_cache=use_cache)
@@ -94,3 +110,19 @@ def simulate(hw: Hardware | str | Path, model: ModelConfig | str, *, phase: Phas
         except OSError as exc:
             raise UserError(f"--plot {plot_dir}", f"cannot write there ({exc.strerror})") from None
     return result
+
+
+def with_runtime(hw: Hardware, runtime: str | None) -> Hardware:
+    """`hw` launching its kernels under `runtime` (None: the one its file names)."""
+    if runtime is None or runtime == hw.overheads.runtime:
+        return hw
+    if runtime not in get_args(Runtime):
+        raise UserError("--runtime", f"expected one of {', '.join(get_args(Runtime))}, "
+                        f"not {runtime!r}")
+    if runtime not in hw.overheads.runtimes():
+        have = hw.overheads.runtime
+        why = (f"declares only {have} (overheads.graph_launch is not set)" if have else
+               "declares no host runtime (overheads.runtime): its ops are not CUDA kernels")
+        raise UserError("--runtime", f"{runtime} is not available on {hw.name}, which {why}")
+    overheads = hw.overheads.model_copy(update={"runtime": runtime})
+    return hw.model_copy(update={"overheads": overheads})

@@ -73,6 +73,9 @@ def _run_parser() -> argparse.ArgumentParser:
                         help="override a dotted YAML path, e.g. clock=\"54 MHz\"")
     _add_model(parser)
     parser.add_argument("--mapping", default="tensor", choices=("tensor", "batch"))
+    parser.add_argument("--runtime", default=None, choices=("eager", "cuda_graphs"),
+                        help="GPU host runtime: a launch per kernel (eager) or one CUDA-graph "
+                             "launch per step (default: the file's overheads.runtime)")
     parser.add_argument("--format", default="table", choices=("table", "json", "csv"))
     parser.add_argument("--granularity", type=int, default=None,
                         help="max coalesced chunks per op and core (default 64)")
@@ -86,17 +89,23 @@ def _run_parser() -> argparse.ArgumentParser:
 
 def _run(argv: Sequence[str]) -> int:
     from simulator.api import DEFAULT_CONTEXT, DEFAULT_PROMPT, simulate
+    from simulator.files import check_output_file, check_output_folder
     from simulator.mapping import DEFAULT_GRANULARITY
 
     args = _run_parser().parse_args(argv)
+    if args.trace is not None:  # refused before a possibly long simulation
+        check_output_file(args.trace, "--trace")
+    if args.plot is not None:
+        check_output_folder(args.plot, "--plot")
     result = simulate(
         args.hw, args.model, phase=args.phase, batch=args.batch,
         context=DEFAULT_CONTEXT if args.context is None else args.context,
         prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt, mapping=args.mapping,
         hw_set=_pairs(args.hw_set, "--hw-set", True),
         model_set=_pairs(args.model_set, "--model-set", False),
-        granularity=args.granularity or DEFAULT_GRANULARITY, use_cache=not args.no_cache,
-        trace_file=args.trace, plot_dir=args.plot)
+        granularity=DEFAULT_GRANULARITY if args.granularity is None else args.granularity,
+        use_cache=not args.no_cache,
+        trace_file=args.trace, plot_dir=args.plot, runtime=args.runtime)
     if args.format == "json":
         print(result.to_json())
     elif args.format == "csv":
@@ -155,10 +164,17 @@ def _validate(argv: Sequence[str]) -> int:
     parser.add_argument("--case", action="append", default=[], help="only these case ids")
     parser.add_argument("--format", default="table", choices=("table", "json"))
     args = parser.parse_args(argv)
-    from simulator.validation.cases import load_cases, run_cases, shipped_case_files
+    from simulator.validation.cases import (
+        load_cases,
+        load_empirical,
+        run_cases,
+        shipped_case_files,
+    )
     from simulator.validation.render import render_table, to_json
 
-    cases = [case for path in (args.files or shipped_case_files()) for case in load_cases(path)]
+    files = args.files or shipped_case_files()
+    cases = [case for path in files for case in load_cases(path)]
+    empirical = [term for path in files for term in load_empirical(path)]
     if args.case:
         unknown = set(args.case) - {case.id for case in cases}
         if unknown:
@@ -166,9 +182,9 @@ def _validate(argv: Sequence[str]) -> int:
         cases = [case for case in cases if case.id in args.case]
     outcomes = run_cases(cases)
     if args.format == "json":
-        print(to_json(outcomes))
+        print(to_json(outcomes, empirical))
     else:
-        render_table(outcomes)
+        render_table(outcomes, empirical=empirical)
     return 0 if all(outcome.passed for outcome in outcomes) else 1
 
 
@@ -186,7 +202,12 @@ def _op(argv: Sequence[str]) -> int:
     attention.add_argument("--seq", type=int, required=True)
     attention.add_argument("--head-dim", type=int, required=True)
     attention.add_argument("--causal", action="store_true")
-    attention.add_argument("--backward", action="store_true", help="the backward pass")
+    attention.add_argument("--mode", default=None, choices=("fwd", "bwd", "fwd_bwd"),
+                           help="what is timed: forward (default), backward, or both; flops "
+                                "are 1×, 2.5×, 3.5× 4·B·S²·H·D (÷2 causal), as FlashAttention-2's "
+                                "benchmark counts them")
+    attention.add_argument("--backward", action="store_true",
+                           help="the same as --mode fwd_bwd (kept for old scripts)")
     attention.add_argument("--unfused", action="store_true",
                            help="materialised scores even where fused kernels exist")
     attention.add_argument("--dtype", default="bf16")
@@ -196,7 +217,7 @@ def _op(argv: Sequence[str]) -> int:
         sub.add_argument("--format", default="table", choices=("table", "json"))
     args = parser.parse_args(argv)
     from simulator.hardware import load_hardware
-    from simulator.oprun import attention_flops, attention_op, gemm_op, run_op
+    from simulator.oprun import gemm_op, run_attention, run_op
 
     overrides = _pairs(args.hw_set, "--hw-set", True)
     if args.kernel == "attention" and args.unfused:
@@ -205,10 +226,12 @@ def _op(argv: Sequence[str]) -> int:
     if args.kernel == "gemm":
         result = run_op(hw, gemm_op(args.m, args.n, args.k, args.dtype, args.batch))
     else:
-        op = attention_op(args.batch, args.heads, args.seq, args.head_dim, args.causal,
-                          args.backward, args.dtype)
-        result = run_op(hw, op, attention_flops(args.batch, args.heads, args.seq,
-                                                args.head_dim, args.causal, args.backward))
+        if args.backward and args.mode not in (None, "fwd_bwd"):
+            raise UserError("--backward",
+                            f"means --mode fwd_bwd; it contradicts --mode {args.mode}")
+        mode = "fwd_bwd" if args.backward else args.mode or "fwd"
+        result = run_attention(hw, args.batch, args.heads, args.seq, args.head_dim, args.causal,
+                               mode, args.dtype)
     if args.format == "json":
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
@@ -241,6 +264,7 @@ def _check(argv: Sequence[str]) -> int:
     _check_shape(args.phase, args.batch, args.context, args.prompt)
     hw = load_hardware(args.hw, _pairs(args.hw_set, "--hw-set", True))
     cfg = resolve_model(args.model, _pairs(args.model_set, "--model-set", False))
+    cfg.check_positions(args.phase, args.context, args.prompt)  # before the CPU model is built
     result = run_check(hw, cfg, mapping=args.mapping, batch=args.batch, phase=args.phase,
                        context=args.context, prompt=args.prompt)
     if args.format == "json":
@@ -257,6 +281,13 @@ def _check(argv: Sequence[str]) -> int:
               + ", ".join(f"{n} {k}" for k, n in sorted(by_kernel.items())))
         print("computed by the PyTorch reference (no kernel for these): "
               + ", ".join(f"{n} {k}" for k, n in sorted(by_reference.items())))
+        print(f"schedule: the timed one\n{'kernel':<16}{'ops':>6}{'tiles timed':>14}"
+              f"{'tiles checked':>15}{'max rel error':>16}")
+        for kind, (ops, timed, checked, worst) in result.by_kind().items():
+            print(f"{kind:<16}{ops:>6}{timed:>14}{checked:>15}{worst:>16.4g}")
+        for op in result.unchecked:
+            print(f"not all timed tiles checked: op {op.index} {op.name} ({op.kind}): "
+                  f"{op.tiles_checked} of {op.tiles_timed}")
         for op in result.kernel_failures:
             print(f"kernel mismatch: op {op.index} {op.name} ({op.kind}): max abs error "
                   f"{op.max_abs:.4g}")

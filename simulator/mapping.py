@@ -15,6 +15,10 @@ Cores given identical work on the same DRAM channels form one group, simulated o
 its traffic multiplied by the group size (exact for identical, simultaneously started
 work under fair sharing; it keeps 108-SM GPUs cheap). Work is cut into at most
 `granularity` chunks per part, each a coalesced run of tiles.
+
+Each kernel keeps the schedule it was timed with (simulator.schedule: the GEMM plan and
+each core's run of tiles, each attention block's core, each core's slice and chunk
+count); `simulate check` replays exactly that schedule.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Literal
 from simulator.errors import UserError
 from simulator.hardware.schema import Hardware, Unit
 from simulator.hardware.select import rate, unit_for, vector_ns
+from simulator.schedule import Range, Schedule, SliceSchedule, StreamSchedule
 from simulator.tiling import DTYPE_BYTES, CoreWork, flash_work, gemm_work
 from simulator.workload.trace import Op, Trace
 
@@ -59,11 +64,16 @@ class Part:
 
 
 Stage = tuple[Part, ...]
+#: A kernel as mapped: its parts, and the schedule (which core does which tiles) timed.
+Kernel = tuple[Stage, Schedule]
 
 
 @dataclass(frozen=True)
 class Task:
-    """An op as the engine runs it: one or more kernels (stages) run one after another."""
+    """An op as the engine runs it: one or more kernels (stages) run one after another.
+
+    `schedules[i]` is the schedule stage i was timed with (the functional check's input).
+    """
 
     op: Op
     stages: tuple[Stage, ...]
@@ -71,6 +81,7 @@ class Task:
     rate_key: str
     energy_ops: float
     lane_deps: bool
+    schedules: tuple[Schedule, ...] = ()
 
     @property
     def parts(self) -> tuple[Part, ...]:
@@ -97,6 +108,15 @@ def _split(extent: int, cores: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(used)]
 
 
+def _ranges(extent: int, cores: int) -> tuple[Range, ...]:
+    """The consecutive ranges `_split` sizes."""
+    out, start = [], 0
+    for size in _split(extent, cores):
+        out.append((start, start + size))
+        start += size
+    return tuple(out)
+
+
 def _grid(op: Op, cores: int) -> tuple[int, int]:
     """Cores along (rows M, columns N) of a matmul that move the fewest bytes per core."""
     rows, cols = op.dims["m"] * op.dims["batch"], op.dims["n"]
@@ -120,6 +140,25 @@ def _shares(op: Op, hw: Hardware, mapping: Mapping, batch: int) -> list[_Share]:
     return [_Share(n / extent, n / extent, n / extent) for n in _split(extent, cores)]
 
 
+def _core_slices(op: Op, hw: Hardware, mapping: Mapping, batch: int
+                 ) -> tuple[tuple[Range, ...], tuple[Range, ...]]:
+    """Each core's rows and (matmuls) columns, in the order and sizes of `_shares`: a
+    matmul's output rows × columns on the `_grid`, the parallel extent otherwise; under
+    batch mapping the rows of the core's sequences (and every column)."""
+    cores = hw.cores.count
+    matmul = op.kind in {"matmul", "ternary_matmul"}
+    extent = op.dims["m"] * op.dims["batch"] if matmul else op.dims.get("parallel", 1)
+    if mapping == "batch":
+        rows = tuple((a * extent // batch, b * extent // batch) for a, b in _ranges(batch, cores))
+        return rows, ((0, op.dims["n"]),) * len(rows) if matmul else ()
+    if not matmul:
+        return _ranges(extent, cores), ()
+    p_m, p_n = _grid(op, cores)
+    row_ranges, col_ranges = _ranges(extent, p_m), _ranges(op.dims["n"], p_n)
+    return (tuple(r for r in row_ranges for _ in col_ranges),
+            tuple(c for _ in row_ranges for c in col_ranges))
+
+
 def _step_latency_ns(hw: Hardware, unit: Unit) -> float:
     """One dependent step of a recurrence: the unit's pipeline plus fetching its inputs."""
     fetch = hw.memory.l2.latency if hw.memory.l2 else hw.memory.dram.latency
@@ -134,7 +173,7 @@ def _chunks(nbytes: float, sram: float, granularity: int) -> int:
 
 
 def _generic(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: int,
-             unit_name: str, unit: Unit, factor: float, per_cycle: float) -> Stage:
+             unit_name: str, unit: Unit, factor: float, per_cycle: float) -> Kernel:
     """Split an op across cores by shares (no tiling), placing bytes by where they fit."""
     clock = hw.core_clock
     l2 = hw.memory.l2
@@ -185,7 +224,13 @@ def _generic(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: in
             chunks=_chunks(max(load + store, l2_bytes), hw.cores.sram, granularity),
             dram_load_bytes=load, dram_store_bytes=store, l2_bytes=l2_bytes,
             sram_bytes=sram_bytes, compute_ns=compute_ns, latency_ns=unit.latency.ns(clock)))
-    return tuple(parts)
+    chunks = [1] * len(shares)
+    for part in parts:
+        for core in part.cores:
+            chunks[core] = part.chunks
+    rows, cols = _core_slices(op, hw, mapping, batch)
+    assert len(rows) == len(shares), (op.name, len(rows), len(shares))
+    return tuple(parts), SliceSchedule(rows, cols, tuple(chunks))
 
 
 def _from_work(work: list[CoreWork], hw: Hardware, unit_name: str, unit: Unit,
@@ -208,24 +253,25 @@ def _from_work(work: list[CoreWork], hw: Hardware, unit_name: str, unit: Unit,
 
 
 def _streaming(hw: Hardware, elements: float, read: float, write: float, ops: float,
-               fn: str, kind: str, granularity: int) -> Stage:
+               fn: str, kind: str, granularity: int) -> Kernel:
     """An element-wise kernel over `elements`: bytes read/written and ops per element."""
     cores = hw.cores.count
     found = unit_for(hw, kind, "fp32", kind)
     per_core = elements / cores
     work = [CoreWork(1, vector_ns(hw, per_core * ops, fn, kind, "fp32"),
                      per_core * (read + write), per_core * read, per_core * write)] * cores
-    return _from_work(work, hw, found[0], found[1], granularity)
+    return (_from_work(work, hw, found[0], found[1], granularity),
+            StreamSchedule(elements, cores))
 
 
 def _gemm(hw: Hardware, unit_name: str, unit: Unit, per_cycle: float, granularity: int,
-          m: int, n: int, k: int, batch: int, elem: tuple[float, float, float]) -> Stage:
-    _, work = gemm_work(hw, unit, per_cycle, m, n, k, batch, elem)
-    return _from_work(work, hw, unit_name, unit, granularity)
+          m: int, n: int, k: int, batch: int, elem: tuple[float, float, float]) -> Kernel:
+    schedule, work = gemm_work(hw, unit, per_cycle, m, n, k, batch, elem)
+    return _from_work(work, hw, unit_name, unit, granularity), schedule
 
 
 def _tiled_matmul(op: Op, hw: Hardware, unit_name: str, unit: Unit, per_cycle: float,
-                  granularity: int) -> tuple[Stage, ...]:
+                  granularity: int) -> tuple[Kernel, ...]:
     d = op.dims
     m, n, k, batch = d["m"], d["n"], d["k"], d["batch"]
     a_bytes = DTYPE_BYTES.get(op.dtype, 2)
@@ -236,7 +282,7 @@ def _tiled_matmul(op: Op, hw: Hardware, unit_name: str, unit: Unit, per_cycle: f
 
 
 def _tiled_attention(op: Op, hw: Hardware, unit_name: str, unit: Unit, per_cycle: float,
-                     granularity: int) -> tuple[Stage, ...]:
+                     granularity: int) -> tuple[Kernel, ...]:
     d = op.dims
     backward = bool(d.get("backward"))
     elem = DTYPE_BYTES.get(op.dtype, 2)
@@ -247,8 +293,8 @@ def _tiled_attention(op: Op, hw: Hardware, unit_name: str, unit: Unit, per_cycle
         if backward:  # D = rowsum(dO ∘ O) first, dQ from fp32 to the input type last
             stages.append(_streaming(hw, b * h * sq * hd, 2 * elem, 4 / hd, 2, "", "reduction",
                                      granularity))
-        stages.append(_from_work(flash_work(hw, unit, per_cycle, flash, d, backward, op.dtype),
-                                 hw, unit_name, unit, granularity))
+        schedule, work = flash_work(hw, unit, per_cycle, flash, d, backward, op.dtype)
+        stages.append((_from_work(work, hw, unit_name, unit, granularity), schedule))
         if backward:
             stages.append(_streaming(hw, b * h * sq * hd, 4, elem, 1, "", "elementwise",
                                      granularity))
@@ -261,11 +307,12 @@ def _tiled_attention(op: Op, hw: Hardware, unit_name: str, unit: Unit, per_cycle
         "causal") else []
     # a row too long for one block is read three times (max, sum of exp, output) [PyTorch
     # aten/src/ATen/native/cuda/SoftMax.cu]; its backward reads P and dP twice each
-    softmax = _streaming(hw, scores, SOFTMAX_READS * elem, elem, SOFTMAX_OPS_PER_SCORE, "",
-                         "softmax", granularity)
+    softmax_parts, softmax_schedule = _streaming(
+        hw, scores, SOFTMAX_READS * elem, elem, SOFTMAX_OPS_PER_SCORE, "", "softmax",
+        granularity)
     exp_cost = vector_ns(hw, scores / hw.cores.count, "exp", "softmax", "fp32")
-    softmax = tuple(Part(**{**p.__dict__, "compute_ns": p.compute_ns + exp_cost})
-                    for p in softmax)
+    softmax = (tuple(Part(**{**p.__dict__, "compute_ns": p.compute_ns + exp_cost})
+                     for p in softmax_parts), softmax_schedule)
     # Q, K, V and O (grads too, backward) re-laid out between (b, t, h, d) and (b·h, t, d)
     copies = _streaming(hw, 4 * b * h * sq * hd, elem, elem, 0, "", "memory", granularity)
     if not backward:
@@ -282,14 +329,15 @@ def map_op(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: int)
     rate_key, per_cycle = rate(unit, "ternary" if unit.kind == "ternary" else op.dtype)
     tiled = unit.kind == "matrix" and bool(unit.tiles) and mapping == "tensor"
     if tiled and op.kind in {"matmul", "ternary_matmul"}:
-        stages = _tiled_matmul(op, hw, unit_name, unit, per_cycle, granularity)
+        kernels = _tiled_matmul(op, hw, unit_name, unit, per_cycle, granularity)
     elif tiled and op.kind == "attention":
-        stages = _tiled_attention(op, hw, unit_name, unit, per_cycle, granularity)
+        kernels = _tiled_attention(op, hw, unit_name, unit, per_cycle, granularity)
     else:
-        stages = (_generic(op, hw, mapping, batch, granularity, unit_name, unit, factor,
-                           per_cycle),)
-    return Task(op=op, stages=stages, unit_kind=unit.kind, rate_key=rate_key,
-                energy_ops=op.ops * factor, lane_deps=mapping == "batch")
+        kernels = (_generic(op, hw, mapping, batch, granularity, unit_name, unit, factor,
+                            per_cycle),)
+    return Task(op=op, stages=tuple(stage for stage, _ in kernels), unit_kind=unit.kind,
+                rate_key=rate_key, energy_ops=op.ops * factor, lane_deps=mapping == "batch",
+                schedules=tuple(schedule for _, schedule in kernels))
 
 
 def _signature(op: Op) -> tuple:

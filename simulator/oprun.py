@@ -2,13 +2,17 @@
 
 A kernel is wrapped as a one-op trace and run through the same mapping and engine as a
 model, so its time comes out of the event simulation too. FLOPs follow the usual
-conventions: 2·M·N·K for a GEMM; FlashAttention-2's for attention (forward 4·S²·D·H·B,
-halved when causal; backward 2.5 × forward).
+conventions: 2·M·N·K for a GEMM; for attention exactly those of FlashAttention-2's
+benchmark script (Dao-AILab/flash-attention `benchmarks/benchmark_flash_attention.py`,
+function `flops`): forward 4·B·S²·H·D, halved when causal; backward 2.5 × forward;
+forward+backward 3.5 × forward, timed as the forward plus the backward kernels
+(`time_f + time_b` in that script).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from simulator.engine import simulate_tasks
 from simulator.errors import UserError
@@ -18,6 +22,11 @@ from simulator.tiling import DTYPE_BYTES
 from simulator.workload.trace import Op, Trace
 
 MAX_DIM = 1 << 24
+#: What an attention run times: the forward kernel, the backward kernels, or both.
+Mode = Literal["fwd", "bwd", "fwd_bwd"]
+MODES: tuple[Mode, ...] = ("fwd", "bwd", "fwd_bwd")
+#: FLOPs of each mode as multiples of the forward's (the FA-2 benchmark script's `flops`).
+MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,7 @@ class KernelResult:
     flops: float
     bytes_moved: float
     tflops: float
-    shape: dict[str, int]
+    shape: dict[str, int | str]
 
     def to_dict(self) -> dict[str, object]:
         return {"hardware": self.hardware, "kernel": self.kernel, "latency_s": self.latency_s,
@@ -62,10 +71,12 @@ def gemm_op(m: int, n: int, k: int, dtype: str = "bf16", batch: int = 1) -> Op:
 
 
 def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool,
-                    backward: bool) -> float:
-    """FlashAttention-2's convention."""
+                    mode: Mode = "fwd") -> float:
+    """FlashAttention-2's convention: 4·B·S²·H·D (÷2 causal) × 1, 2.5 or 3.5 by `mode`."""
+    if mode not in MODE_FLOPS:
+        raise UserError("--mode", f"expected one of {', '.join(MODES)}, not '{mode}'")
     forward = 4 * seq * seq * head_dim * heads * batch / (2 if causal else 1)
-    return 2.5 * forward if backward else forward
+    return MODE_FLOPS[mode] * forward
 
 
 def attention_op(batch: int, heads: int, seq: int, head_dim: int, causal: bool = False,
@@ -84,6 +95,22 @@ def attention_op(batch: int, heads: int, seq: int, head_dim: int, causal: bool =
               input_bytes=(5 if backward else 3) * tensor,
               output_bytes=(3 if backward else 1) * tensor, dims=dims, deps=(),
               shapes=f"B{batch} H{heads} S{seq} D{head_dim}")
+
+
+def run_attention(hw: Hardware, batch: int, heads: int, seq: int, head_dim: int,
+                  causal: bool = False, mode: Mode = "fwd", dtype: str = "bf16") -> KernelResult:
+    """Time attention in `mode`; fwd_bwd is the forward and the backward run one after the
+    other (latency and bytes added), with 3.5 × the forward's FLOPs."""
+    flops = attention_flops(batch, heads, seq, head_dim, causal, mode)
+    shape = (batch, heads, seq, head_dim, causal)
+    runs = [run_op(hw, attention_op(*shape, backward, dtype))
+            for backward in ((False, True) if mode == "fwd_bwd" else (mode == "bwd",))]
+    latency = sum(run.latency_s for run in runs)
+    shape_dims = {k: v for k, v in runs[0].shape.items() if k != "backward"}
+    return KernelResult(hardware=hw.name, kernel="attention", latency_s=latency, flops=flops,
+                        bytes_moved=sum(run.bytes_moved for run in runs),
+                        tflops=flops / latency * 1e-12 if latency else 0.0,
+                        shape={**shape_dims, "mode": mode})
 
 
 def run_op(hw: Hardware, op: Op, flops: float | None = None) -> KernelResult:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from simulator.engine import Timeline
+from simulator.engine.machine import channel_bandwidth
 from simulator.hardware.schema import Hardware
 from simulator.mapping import Task
 from simulator.power import Energy
@@ -53,6 +54,8 @@ class Result:
     model: str
     phase: str
     mapping: str
+    #: host runtime the kernels are launched under (eager, cuda_graphs); None: no host runtime
+    runtime: str | None
     batch: int
     context: int
     prompt: int
@@ -68,7 +71,10 @@ class Result:
     activation_bytes: int
     dram_bytes: float
     host_transfer_s: float
+    #: per DRAM channel (and the L2): share of the run it was held, bursts included
     channel_utilisation: dict[str, float]
+    #: the same tracks: useful bytes moved / (bandwidth it sustains × latency)
+    channel_useful_utilisation: dict[str, float]
     events: int
     layers: tuple[LayerResult, ...]
     ops: tuple[OpResult, ...] = field(repr=False)
@@ -124,6 +130,16 @@ def _layer_latencies(trace: Trace, timeline: Timeline) -> list[tuple[str, float,
     return rows
 
 
+def _useful_shares(hw: Hardware, timeline: Timeline, tracks: list[str]) -> dict[str, float]:
+    """Useful bytes each track moved over what it could move in the run; below the busy
+    share where accesses narrower than a burst hold the channel for the whole burst."""
+    span_s = timeline.makespan_ns * 1e-9
+    moved = timeline.usage.track_bytes
+    return {track: moved.get(track, 0.0) / (
+        hw.memory.l2.bandwidth if track == "l2" and hw.memory.l2 else channel_bandwidth(hw)
+    ) / span_s for track in tracks}
+
+
 def build_result(hw: Hardware, trace: Trace, tasks: list[Task], timeline: Timeline,
                  energy: Energy, mapping: str, notes: tuple[str, ...] = ()) -> Result:
     """Assemble the Result of one simulated step."""
@@ -148,6 +164,7 @@ def build_result(hw: Hardware, trace: Trace, tasks: list[Task], timeline: Timeli
             if track.startswith("dram") or track == "l2"} if timeline.makespan_ns else {}
     return Result(
         hardware=hw.name, model=trace.model, phase=trace.phase, mapping=mapping,
+        runtime=hw.overheads.runtime,
         batch=trace.batch, context=trace.context, prompt=trace.prompt, tokens=counted,
         latency_s=latency, tokens_per_s=counted / latency if latency else 0.0,
         power_w=energy.total_j / latency if latency else 0.0, energy_j=energy.total_j,
@@ -156,4 +173,6 @@ def build_result(hw: Hardware, trace: Trace, tasks: list[Task], timeline: Timeli
         weights_bytes=trace.weights_bytes, state_bytes=trace.state_bytes,
         activation_bytes=trace.activation_bytes, dram_bytes=timeline.usage.dram_bytes,
         host_transfer_s=timeline.usage.busy_ns.get("host", 0.0) * 1e-9,
-        channel_utilisation=busy, events=timeline.events, layers=layers, ops=ops, notes=notes)
+        channel_utilisation=busy,
+        channel_useful_utilisation=_useful_shares(hw, timeline, list(busy)),
+        events=timeline.events, layers=layers, ops=ops, notes=notes)

@@ -7,8 +7,9 @@ phases, batch sizes and mappings; every combination is a point. Each finished po
 appended to DIR/points.jsonl at once (flushed and synced), so a sweep killed at any moment
 loses nothing it finished and, started again, skips those points; a torn last line is
 dropped. The table DIR/results.csv (one row per point, in spec order) is written whole at
-the end. Points that do not fit the machine are recorded as infeasible, not dropped.
-Local processes by default; a Dask cluster with `--scheduler`.
+the end. Points that do not fit the machine, or ask for a mapping it does not declare
+(`scheduling.mappings`), are recorded as infeasible, not dropped. DIR is created if its
+parent folder exists. Local processes by default; a Dask cluster with `--scheduler`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from simulator.errors import UserError, first_error
-from simulator.files import write_atomic
+from simulator.files import output_folder, write_atomic
+from simulator.mapping import DEFAULT_GRANULARITY
+from simulator.yamlfile import load_yaml
 
 COLUMNS = ("key", "hardware", "settings", "model", "phase", "batch", "context", "prompt",
            "mapping", "status", "message", "latency_s", "tokens_per_s", "power_w",
@@ -48,16 +50,18 @@ class Spec(BaseModel):
     context: int = Field(default=2048, ge=0)
     prompt: int = Field(default=2048, ge=1)
     mapping: list[Literal["tensor", "batch"]] = Field(default=["tensor"], min_length=1)
+    granularity: int = Field(default=DEFAULT_GRANULARITY, ge=1, strict=True,
+                             description="max coalesced chunks per op and core")
 
 
 def load_spec(path: str | Path) -> Spec:
+    """Read and validate a sweep spec (a key given twice is an error)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(str(path), f"cannot be read ({exc})") from None
-    except yaml.YAMLError as exc:
-        raise UserError(str(path), f"YAML error: {str(exc).splitlines()[0]}") from None
+    data = load_yaml(text, str(path))
     try:
         return Spec.model_validate(data)
     except ValidationError as exc:
@@ -75,6 +79,8 @@ def points(spec: Spec) -> list[dict[str, Any]]:
         point = {"hardware": hardware, "settings": dict(zip(paths, combo, strict=True)),
                  "model": model, "phase": phase, "batch": batch, "context": spec.context,
                  "prompt": spec.prompt, "mapping": mapping}
+        if spec.granularity != DEFAULT_GRANULARITY:  # keys of default points stay as they were
+            point["granularity"] = spec.granularity
         point["key"] = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
         out.append(point)
     return out
@@ -89,13 +95,19 @@ def run_point(point: dict[str, Any]) -> dict[str, Any]:
         result = simulate(point["hardware"], point["model"], phase=point["phase"],
                           batch=point["batch"], context=point["context"],
                           prompt=point["prompt"], mapping=point["mapping"],
-                          hw_set=point["settings"])
+                          hw_set=point["settings"],
+                          granularity=point.get("granularity", DEFAULT_GRANULARITY))
     except UserError as exc:
-        fits = "memory.dram.capacity" in exc.message
-        return {**row, "status": "infeasible" if fits else "error", "message": str(exc)}
+        return {**row, "status": "infeasible" if _infeasible(exc) else "error",
+                "message": str(exc)}
     return {**row, "status": "ok", "message": "",
             **{name: getattr(result, name) for name in COLUMNS if hasattr(result, name)
                and name not in row}}
+
+
+def _infeasible(exc: UserError) -> bool:
+    """A well-formed point the machine cannot run: too big, or a mapping it lacks."""
+    return any(field in exc.message for field in ("memory.dram.capacity", "scheduling.mappings"))
 
 
 def _read_log(log: Path) -> dict[str, dict[str, Any]]:
@@ -162,11 +174,7 @@ def run_sweep(spec_path: str | Path, out: str | Path, scheduler: str | None = No
     """Run (or finish) a sweep; returns the path of the results table."""
     spec = load_spec(spec_path)
     everything = points(spec)
-    folder = Path(out)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {out}", f"cannot create it ({exc.strerror})") from None
+    folder = output_folder(out, "--out")
     log = folder / "points.jsonl"
     done = _read_log(log)
     todo = [p for p in everything if p["key"] not in done]

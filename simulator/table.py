@@ -24,6 +24,16 @@ def _bytes(value: float) -> str:
     return f"{value:.0f} B"
 
 
+def _runtime(runtime: str | None) -> str:
+    return {"eager": "eager (a CPU launch before every kernel)",
+            "cuda_graphs": "cuda_graphs (one graph launch per step)"}.get(
+        runtime or "", "none (ops issued on the device)")
+
+
+def _shares(shares: dict[str, float]) -> str:
+    return "  ".join(f"{track} {share:.1%}" for track, share in shares.items())
+
+
 def render(result: Result, console: Console | None = None) -> None:
     """Print the summary, memory footprint and per-layer breakdown."""
     console = console or Console()
@@ -37,6 +47,7 @@ def render(result: Result, console: Console | None = None) -> None:
     rows = [
         ("phase", f"{result.phase} ({shape})"),
         ("mapping", f"{result.mapping} split over the cores"),
+        ("runtime", _runtime(result.runtime)),
         (f"latency ({step})", _si(result.latency_s, "s")),
         ("latency per token" if result.phase == "decode" else "time per prompt token",
          _si(result.latency_s / (1 if result.phase == "decode" else result.prompt), "s")),
@@ -49,7 +60,9 @@ def render(result: Result, console: Console | None = None) -> None:
         ("  activations (peak)", _bytes(result.activation_bytes)),
         ("DRAM traffic", _bytes(result.dram_bytes)),
         ("host → device input", _si(result.host_transfer_s, "s")),
-        ("utilisation", "  ".join(f"{k} {v:.0%}" for k, v in result.channel_utilisation.items())),
+        # time held (a narrow access holds a whole burst) and useful bytes over bandwidth
+        ("channel time busy", _shares(result.channel_utilisation)),
+        ("  useful bytes / bandwidth", _shares(result.channel_useful_utilisation)),
     ]
     for name, value in rows:
         summary.add_row(name, value)

@@ -5,7 +5,8 @@ waves over the cores; a fused attention (FlashAttention-2) becomes one block per
 (batch, head, query tile) forward, or per key/value tile backward, each looping over the
 other dimension. Blocks are list-scheduled onto cores in launch order, so the last,
 partial wave and causal imbalance show up as cores with less work. What each core does
-is returned as `CoreWork`; the engine times it.
+is returned as `CoreWork`, which the engine times, with the schedule it came from
+(simulator.schedule), which the functional check replays.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from simulator.hardware.schema import FlashAttention, Hardware, Unit
 from simulator.hardware.select import vector_ns
+from simulator.schedule import FlashSchedule, GemmSchedule, contiguous
 
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int32": 4,
                "int4": 0.5, "int2": 0.25, "ternary": 0.25}
@@ -112,8 +114,9 @@ def plan_gemm(hw: Hardware, unit: Unit, rate: float, m: int, n: int, k: int, bat
 
 
 def gemm_work(hw: Hardware, unit: Unit, rate: float, m: int, n: int, k: int, batch: int,
-              elem: tuple[float, float, float]) -> tuple[GemmPlan, list[CoreWork]]:
-    """Per-core work of a GEMM (one kernel; split-K partials reduced in the epilogue)."""
+              elem: tuple[float, float, float]) -> tuple[GemmSchedule, list[CoreWork]]:
+    """Per-core work of a GEMM (one kernel; split-K partials reduced in the epilogue), and
+    the schedule it is timed with: each core a consecutive run of tiles."""
     plan = plan_gemm(hw, unit, rate, m, n, k, batch, elem)
     compute, l2_bytes = _gemm_tile(hw, unit, rate, m, n, k, (plan.tm, plan.tn, plan.tk),
                                    plan.split_k, elem)
@@ -121,16 +124,15 @@ def gemm_work(hw: Hardware, unit: Unit, rate: float, m: int, n: int, k: int, bat
         l2_bytes += plan.tm * plan.tn * 4 * (plan.split_k - 1) / plan.split_k
     loads = batch * (m * k * elem[0] + k * n * elem[1])
     stores = batch * m * n * elem[2]
-    cores = hw.cores.count
-    base, extra = divmod(plan.tiles, cores)
+    runs = contiguous(plan.tiles, hw.cores.count)
     work = []
     k_steps = math.ceil(math.ceil(k / plan.split_k) / plan.tk)  # the pipelined K loop
-    for core in range(min(cores, plan.tiles)):
-        tiles = base + (1 if core < extra else 0)
+    for start, stop in runs:
+        tiles = stop - start
         share = tiles / plan.tiles
         work.append(CoreWork(tiles * k_steps, tiles * compute, tiles * l2_bytes, loads * share,
                              stores * share))
-    return plan, work
+    return GemmSchedule(m, n, k, batch, plan.tm, plan.tn, plan.split_k, runs), work
 
 
 def _attention_blocks(outer: int, inner: int, causal_offset: int | None,
@@ -150,8 +152,10 @@ def _attention_blocks(outer: int, inner: int, causal_offset: int | None,
 
 
 def flash_work(hw: Hardware, unit: Unit, rate: float, flash: FlashAttention,
-               dims: dict[str, int], backward: bool, dtype: str) -> list[CoreWork]:
-    """Per-core work of a FlashAttention-2 forward or backward kernel."""
+               dims: dict[str, int], backward: bool, dtype: str
+               ) -> tuple[FlashSchedule, list[CoreWork]]:
+    """Per-core work of a FlashAttention-2 forward or backward kernel, and the schedule it
+    is timed with: which blocks each core runs."""
     b, h, sq, sk, d = (dims["batch"], dims["heads"], dims["q_len"], dims["kv_len"],
                        dims["head_dim"])
     elem = DTYPE_BYTES.get(dtype, 2)
@@ -188,14 +192,15 @@ def flash_work(hw: Hardware, unit: Unit, rate: float, flash: FlashAttention,
     stores = b * h * (sq + 2 * sk if backward else sq) * d * elem
     total_steps = sum(blocks)
     overhead = flash.block_overhead.ns(hw.core_clock)
-    assigned = _balance([count * step_ns + overhead for count in blocks], hw.cores.count)
+    assigned = [mine for mine in _balance([count * step_ns + overhead for count in blocks],
+                                          hw.cores.count) if mine]
     work = []
     for mine in assigned:
-        if not mine:
-            continue
         steps = sum(blocks[i] for i in mine)
         share = steps / total_steps
         compute = steps * step_ns + len(mine) * flash.block_overhead.ns(hw.core_clock)
         work.append(CoreWork(steps, compute, steps * step_l2 + len(mine) * block_l2,
                              loads * share, stores * share))
-    return work
+    schedule = FlashSchedule(backward, b, h, sq, sk, outer_tile, inner_tile, splits,
+                             tuple(per_head), tuple(map(tuple, assigned)))
+    return schedule, work

@@ -40,7 +40,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def load_yaml(text: str, shown: str) -> Any:
     """Parse `text` (named `shown` in errors); one-line UserError on any problem."""
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:
         raise UserError(*describe(exc, shown)) from None
     except yaml.YAMLError as exc:

@@ -96,6 +96,10 @@ def test_schema_and_trace_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "properties" in json.loads(capsys.readouterr().out)
     out = tmp_path / "sub" / "trace.json"
     assert main(["trace", "--model", "tiny", "--phase", "prefill", "--prompt", "8", "-o",
+                 str(out)]) == 2  # the folder must exist: nothing is created on the way
+    capsys.readouterr()
+    out.parent.mkdir()
+    assert main(["trace", "--model", "tiny", "--phase", "prefill", "--prompt", "8", "-o",
                  str(out)]) == 0
     trace = json.loads(out.read_text())
     assert trace["phase"] == "prefill" and trace["prompt"] == 8 and trace["ops"]

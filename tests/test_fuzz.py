@@ -111,13 +111,28 @@ def run_cli(args: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def names_file_or_flag(line: str, path: Path) -> bool:
+    """The error names the file (with line or field) or a flag, then says what was wrong."""
+    where, sep, message = line.removeprefix("simulate: error: ").partition(": ")
+    return bool(sep and message.strip()) and (where.startswith(str(path))
+                                               or where.startswith("--"))
+
+
+def test_error_lines_must_say_where() -> None:
+    path = Path("/tmp/hw.yaml")
+    assert names_file_or_flag("simulate: error: /tmp/hw.yaml:3: clock: expected a frequency", path)
+    assert names_file_or_flag("simulate: error: --model: tiny needs 2 GiB", path)
+    assert not names_file_or_flag("simulate: error: something went wrong: 3", path)
+    assert not names_file_or_flag("simulate: error: /tmp/hw.yaml", path)
+
+
 def check(path: Path) -> None:
     code, out, err = run_cli(["--hw", str(path), "--model", "tiny", "--format", "json"])
     assert code in (0, 2), (code, err)
     if code == 2:
         lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("simulate: error:"), err
-        assert str(path) in lines[0] or "--" in lines[0] or ":" in lines[0]
+        assert len(lines) == 1 and lines[0].startswith("simulate: error: "), err
+        assert names_file_or_flag(lines[0], path), err
     else:
         assert out.lstrip().startswith("{") and not err
 

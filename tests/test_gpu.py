@@ -27,26 +27,40 @@ def attention() -> dict:
 
 
 def test_flashattention2_grid_median_and_worst_error(attention: dict) -> None:
-    errors = [abs(o.error) for o in attention.values() if o.case.id.startswith("fa2-")]
-    assert len(errors) == 24
-    assert statistics.median(errors) <= 0.10
-    assert max(errors) <= 0.25
+    fa2 = [o for o in attention.values() if o.case.id.startswith("fa2-")]
+    assert len(fa2) == 24
+    assert all(o.case.kernel.mode == "fwd_bwd" and o.case.metric == "tflops" for o in fa2)
+    for role, gate in (("fitted", 0.10), ("held-out", 0.15)):
+        errors = [abs(o.error) for o in fa2 if o.case.role == role]
+        assert statistics.median(errors) <= 0.10 and max(errors) <= gate, role
 
 
 def test_a_third_of_the_fa2_points_are_never_fitted(attention: dict) -> None:
-    held = {i for i, o in attention.items() if i.startswith("fa2-") and o.case.role == "held-out"}
-    assert len(held) >= 8
-    fitted_by_calibration = {
-        case.id for case in load_cases(CASES["flashattention2_a100.yaml"])
-        if case.id.startswith("fa2-") and case.role == "fitted"}
-    assert not held & fitted_by_calibration
-    assert all(abs(attention[i].error) <= 0.25 for i in held)
+    from simulator.calibration.flash import fitted_cases
+
+    fa2 = {i: o for i, o in attention.items() if i.startswith("fa2-")}
+    used = {case.id for case in fitted_cases()}  # what the calibration script fits on
+    held = {i for i, o in fa2.items() if o.case.role == "held-out"}
+    assert used and not used & held
+    assert used | held == set(fa2)
+    for panel in ("d64-full", "d128-full", "d64-causal", "d128-causal"):
+        points = {i for i in fa2 if i.startswith(f"fa2-{panel}-")}
+        assert len(points & held) * 3 >= len(points), panel  # at least a third of each curve
+    assert all(abs(fa2[i].error) <= 0.15 for i in held)
+    assert all(abs(fa2[i].error) <= 0.10 for i in used)
 
 
 def test_unfused_curve_is_predicted_without_fitting(attention: dict) -> None:
+    from simulator.calibration.flash import fitted_cases
+    from simulator.validation.render import bias_lines
+
     pytorch = [o for i, o in attention.items() if i.startswith("pytorch-")]
-    assert len(pytorch) == 20 and all(o.case.role == "held-out" for o in pytorch)
-    assert all(o.passed for o in pytorch)
+    assert len(pytorch) == 20 and all(o.case.role == "open" for o in pytorch)
+    assert not {o.case.id for o in pytorch} & {case.id for case in fitted_cases()}
+    # the known one-sided bias is reported, and stays what the case notes say it is
+    errors = sorted(o.error for o in pytorch)
+    assert errors[0] > 0.05 and errors[-1] < 0.35
+    assert any(line.startswith("one-sided bias: pytorch-unfused") for line in bias_lines(pytorch))
 
 
 def test_shipped_flash_parameters_are_the_least_squares_optimum() -> None:
@@ -120,12 +134,24 @@ def test_op_command_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert {"latency_s", "flops", "bytes_moved", "tflops"} <= set(gemm)
     assert gemm["flops"] == 2 * 4096**3
     assert gemm["tflops"] == pytest.approx(gemm["flops"] / gemm["latency_s"] / 1e12)
-    assert main(["op", "attention", "--hw", "gpu_a100.yaml", "--batch", "4", "--heads", "16",
-                 "--seq", "4096", "--head-dim", "128", "--causal", "--backward",
-                 "--format", "json"]) == 0
-    backward = json.loads(capsys.readouterr().out)
-    assert backward["flops"] == pytest.approx(attention_flops(4, 16, 4096, 128, True, True))
-    assert backward["flops"] == pytest.approx(2.5 * 4 * 4096**2 * 128 * 16 * 4 / 2)
+    runs = {}
+    for mode in ("fwd", "bwd", "fwd_bwd", "--backward"):
+        flag = ["--backward"] if mode == "--backward" else ["--mode", mode]
+        assert main(["op", "attention", "--hw", "gpu_a100.yaml", "--batch", "4", "--heads", "16",
+                     "--seq", "4096", "--head-dim", "128", "--causal", *flag,
+                     "--format", "json"]) == 0
+        runs[mode] = json.loads(capsys.readouterr().out)
+    forward = 4 * 4 * 4096**2 * 16 * 128 / 2  # 4·B·S²·H·D, halved causal (FA-2's script)
+    for mode, factor in (("fwd", 1.0), ("bwd", 2.5), ("fwd_bwd", 3.5), ("--backward", 3.5)):
+        assert runs[mode]["flops"] == factor * forward
+        assert runs[mode]["flops"] == attention_flops(4, 16, 4096, 128, True,
+                                                      "fwd_bwd" if mode == "--backward" else mode)
+    both = runs["fwd_bwd"]
+    assert both["latency_s"] == pytest.approx(runs["fwd"]["latency_s"] + runs["bwd"]["latency_s"])
+    assert both == runs["--backward"] and both["shape"]["mode"] == "fwd_bwd"
+    assert both["tflops"] == pytest.approx(3.5 * forward / both["latency_s"] / 1e12)
+    assert main(["op", "attention", "--hw", "gpu_a100.yaml", "--batch", "1", "--heads", "1",
+                 "--seq", "8", "--head-dim", "8", "--backward", "--mode", "fwd"]) == 2
     assert main(["op", "gemm", "--hw", "gpu_a100.yaml", "--m", "0", "--n", "1", "--k",
                  "1"]) == 2
     assert main(["op", "gemm", "--hw", "gpu_a100.yaml", "--m", "8", "--n", "8", "--k", "8",

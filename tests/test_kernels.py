@@ -113,7 +113,7 @@ def test_tiles_cover_every_output_exactly_once(hardware: str, mapping: str, batc
             continue
         d = op.dims
         cover = np.zeros((d["m"] * d["batch"], d["n"], d["k"]), dtype=np.int32)
-        tiles = matmul_tiles(op, task, hw, batch)
+        tiles = matmul_tiles(op, task)
         for tile in tiles:
             cover[slice(*tile.rows), slice(*tile.cols), slice(*tile.depth)] += 1
         assert cover.min() == 1 and cover.max() == 1, op.module

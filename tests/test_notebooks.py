@@ -11,15 +11,17 @@ FOLDER = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(FOLDER.glob("*.ipynb"))
 
 
-#: figures each notebook must (re)write under reports/
+#: figures each notebook must (re)write (under reports/, or SIMULATE_REPORTS_DIR)
 FIGURES = {"design_space.ipynb": ["design_space_pareto.png", "design_space_tokens_per_joule.png",
                                   "design_space_roofline.png", "design_space_layers.png"]}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebook_runs(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     started = time.time()
+    shipped = {p: p.stat().st_mtime_ns for p in (FOLDER.parent / "reports").iterdir()}
     monkeypatch.setenv("SIMULATE_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("SIMULATE_REPORTS_DIR", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=600, kernel_name="python3",
@@ -28,5 +30,7 @@ def test_notebook_runs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
               for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     for name in FIGURES.get(path.name, []):
-        figure = FOLDER.parent / "reports" / name
+        figure = tmp_path / name
         assert figure.stat().st_size > 10_000 and figure.stat().st_mtime >= started - 1
+    # the source tree is never written by a test
+    assert {p: p.stat().st_mtime_ns for p in (FOLDER.parent / "reports").iterdir()} == shipped

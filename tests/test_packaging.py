@@ -1,6 +1,7 @@
 """hwconfigs/ ships inside the wheel and is found by bare file name from an installed copy."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,8 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_ships_hwconfigs_and_finds_them_by_name(tmp_path: Path) -> None:
+    # built from a copy: setuptools writes build/ and *.egg-info beside the sources
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                    "--no-build-isolation", "-w", str(tmp_path), str(source)],
                    check=True, timeout=300, cwd=tmp_path)
     wheel = next(tmp_path.glob("*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

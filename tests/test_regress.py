@@ -44,6 +44,7 @@ def test_update_writes_a_baseline_and_errors_are_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = copy_of(tmp_path, "fpga_1core.yaml")
     baseline = tmp_path / "out" / "baseline.csv"
+    (tmp_path / "out").mkdir()
     assert main(["regress", "--hw-dir", str(folder), "--baseline", str(baseline),
                  "--update"]) == 0
     assert baseline.read_text().startswith("hardware,model,phase,latency_s")

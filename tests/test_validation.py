@@ -45,7 +45,61 @@ def test_held_out_points_exist_for_each_calibrated_curve(outcomes: dict) -> None
     held = {o.case.id for o in outcomes.values() if o.case.role == "held-out"}
     assert "table3-block-d1024" in held  # block runtime: fitted on d = 512 and 2048
     assert {"table2-power-16core", "table2-power-26core"} <= held  # power: fitted on 1, 8
-    assert {"table2-ddr4-latency-8core", "table2-ddr4-latency-26core"} <= held
+    # the host path follows the paper's own doubling rule: a restatement, not evidence
+    consistency = {o.case.id for o in outcomes.values() if o.case.role == "consistency"}
+    assert {"table2-ddr4-latency-8core", "table2-ddr4-latency-26core"} <= consistency
+
+
+def restatements(outcomes: list) -> list[tuple[str, str]]:
+    """(held-out, fitted) pairs of one metric whose simulated values agree to 0.1 %: the
+    held-out case then restates the fitted one's configuration, whatever its label."""
+    fitted = [o for o in outcomes if o.case.role == "fitted"]
+    return [(o.case.id, f.case.id) for o in outcomes if o.case.role == "held-out"
+            for f in fitted if f.case.metric == o.case.metric
+            and abs(o.simulated - f.simulated) <= 1e-3 * abs(f.simulated)]
+
+
+def test_no_held_out_case_restates_a_fitted_one(outcomes: dict) -> None:
+    assert not restatements(list(outcomes.values()))
+    for case_id, outcome in outcomes.items():
+        if case_id.endswith("-paper-assumption") or case_id.startswith("table2-core-latency"):
+            assert outcome.case.role == "consistency", case_id
+    # the check can fail: the Table 2 core latencies, labelled held-out, restate Table 3's
+    relabelled = [o if not o.case.id.startswith("table2-core-latency") else
+                  type(o)(o.case.model_copy(update={"role": "held-out"}), o.simulated)
+                  for o in outcomes.values()]
+    assert ("table2-core-latency-1core", "table3-block-d512") in restatements(relabelled)
+
+
+def test_roles_gates_and_formulas_are_enforced(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    base = {"id": "x", "description": "x", "hardware": "fpga_1core.yaml", "model": "tiny",
+            "metric": "latency_s", "reference": 1.0, "source": "s"}
+    for extra, expected in (({"role": "held-out", "tolerance": 0.2}, "gate_reason"),
+                            ({"role": "fitted", "tolerance": 0.15}, "gate_reason"),
+                            ({"role": "held-out", "tolerance": 0.1, "metric": "tokens_per_s"},
+                             "formula")):
+        path = tmp_path / "cases.yaml"
+        path.write_text(yaml.safe_dump({"cases": [{**base, **extra}]}))
+        assert main(["validate", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1
+    path.write_text(yaml.safe_dump({"cases": [{**base, "role": "held-out", "tolerance": 0.2,
+                                                "gate_reason": "stated"}]}))
+    assert main(["validate", str(path), "--format", "json"]) in (0, 1)
+    report = json.loads(capsys.readouterr().out)
+    assert report["summary"][0]["widened"] == 1
+    path.write_text("cases:\n- id: x\n  id: y\n")
+    assert main(["validate", str(path)]) == 2
+    assert "appears twice" in capsys.readouterr().err
+
+
+def test_summary_by_role_and_empirical_terms(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(FPGA_CASES)]) == 0
+    out = capsys.readouterr().out
+    assert "by role" in out and "independent" in out
+    assert "EMPIRICAL cores.units.tmatmul.latency" in out
+    assert "table3-block-d512-without-startup" in out
 
 
 def test_burst_gap_is_the_row_wise_work(outcomes: dict) -> None:
@@ -126,7 +180,7 @@ def test_validate_command(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "table3-block-d512" in out and "2 passed, 0 failed" in out
     assert main(["validate", "--case", "table3-block-d512", "--format", "json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["cases"]
     assert rows[0]["reference"] == 0.043 and rows[0]["passed"]
     assert main(["validate", "--case", "nope"]) == 2
 

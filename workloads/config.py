@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from simulator.errors import UserError
+from simulator.yamlfile import load_yaml
 
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -22,9 +23,10 @@ def glu_size(hidden: int) -> int:
 
 
 class ModelConfig(BaseModel):
-    """The fields of an HF `config.json` that decide a model's shape and cost."""
+    """The fields of an HF `config.json` that decide a model's shape and cost (others are
+    refused here; `resolve_model` sorts a whole HF config's fields first)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     model_type: Literal["llama", "hgrn_bit"]
     hidden_size: int = Field(ge=1, le=1 << 17)
@@ -37,6 +39,8 @@ class ModelConfig(BaseModel):
     rms_norm_eps: float = Field(default=1e-6, gt=0)
     rope_theta: float = Field(default=10000.0, gt=0)
     tie_word_embeddings: bool = False
+    #: Positions a sequence may reach (None: no limit); hgrn_bit has none whatever it says.
+    max_position_embeddings: int | None = Field(default=None, ge=1, le=1 << 24)
     name: str = ""
 
     @model_validator(mode="after")
@@ -64,6 +68,25 @@ class ModelConfig(BaseModel):
     def dtype_bytes(self) -> int:
         return DTYPES[self.torch_dtype]
 
+    @property
+    def position_limit(self) -> int | None:
+        """Most positions a sequence may reach: none for the recurrent hgrn_bit (no RoPE,
+        no position table), max_position_embeddings for llama."""
+        return None if self.model_type == "hgrn_bit" else self.max_position_embeddings
+
+    def check_positions(self, phase: str, context: int, prompt: int) -> None:
+        """Refuse a step that reaches past the model's positions (decode: context + 1)."""
+        limit = self.position_limit
+        flag, need = ("--context", context + 1) if phase == "decode" else ("--prompt", prompt)
+        if limit is None or need <= limit:
+            return
+        what = (f"context {context} + 1 new token" if phase == "decode"
+                else f"a prompt of {prompt} tokens")
+        most = limit - 1 if phase == "decode" else limit
+        raise UserError(flag, f"{what} needs {need} positions, beyond the model's "
+                        f"max_position_embeddings {limit}; expected at most {most} "
+                        "(--model-set max_position_embeddings=N asks for more)")
+
     def key(self) -> str:
         """A stable text key of every field (for caches)."""
         return json.dumps(self.model_dump(), sort_keys=True)
@@ -77,13 +100,16 @@ def _mmfree(hidden: int, layers: int, inter: int | None = None) -> dict[str, Any
 def _llama(hidden: int, layers: int, heads: int, inter: int | None = None) -> dict[str, Any]:
     return {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
             "num_attention_heads": heads, "num_key_value_heads": heads,
-            "intermediate_size": inter, "vocab_size": 32000}
+            "intermediate_size": inter, "vocab_size": 32000, "max_position_embeddings": 4096}
 
 
 # MatMul-free (HGRN-Bit) sizes: ../shared/reference/matmulfree.md §5.1 (Table 1, HF configs);
 # 13B is not published: Llama-2 13B's shape (d = 5120, L = 40), as the paper compares at 13B.
 # Transformer++ shares (L, d) with them (paper Table 1); heads follow flash-linear-attention's
 # default of 16 up to 1.3B and a head dim of 128 beyond (assumption: not in the paper).
+# Positions: Llama-2's 4096 (its HF configs) for llama2-* and, as Llama-2 models, for
+# transformerpp-* (assumption: the paper trains at 2048 but states no limit); the recurrent
+# mmfree-* have no positional limit (None).
 PRESETS: dict[str, dict[str, Any]] = {
     "mmfree-370m": _mmfree(1024, 24),
     "mmfree-1.3b": _mmfree(2048, 24, 5632),
@@ -98,10 +124,115 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama2-13b": _llama(5120, 40, 40, 13824),
     # A tiny model for functional checks and fast tests.
     "tiny": _mmfree(64, 2, 192) | {"vocab_size": 256},
-    "tiny-llama": _llama(64, 2, 4, 192) | {"vocab_size": 256, "num_key_value_heads": 2},
+    "tiny-llama": _llama(64, 2, 4, 192) | {"vocab_size": 256, "num_key_value_heads": 2,
+                                           "max_position_embeddings": None},
 }
 ALIASES = {"370m": "mmfree-370m", "1.3b": "mmfree-1.3b", "2.7b": "mmfree-2.7b",
            "13b": "mmfree-13b"}
+
+
+#: HF config fields that cannot change the simulated cost: accepted with any value and
+#: ignored (why, for the README's "Model configs: fields"). Every other field is modelled,
+#: checked by RULES, or refused as unknown.
+IGNORED_FIELDS: dict[str, str] = {
+    "_name_or_path": "where the checkpoint was saved from",
+    "architectures": "the HF class name; model_type chooses the builder",
+    "auto_map": "the HF remote-code classes; model_type chooses the builder",
+    "transformers_version": "the library version that wrote the file",
+    "bos_token_id": "a tokenizer id",
+    "eos_token_id": "a tokenizer id",
+    "pad_token_id": "a tokenizer id",
+    "initializer_range": "weight initialisation for training",
+    "use_cache": "a generate() switch; a simulated step always keeps its KV cache or state",
+    "attention_dropout": "dropout is off at inference",
+    "fuse_cross_entropy": "a training-loss kernel (HGRN-Bit)",
+    "attn_mode": "which GPU kernel runs the same HGRN recurrence; the mapping decides that",
+    "conv_size": "sizes the short convolution, which use_short_conv: true would add (refused)",
+    "share_conv_kernel": "shapes the short convolution, as conv_size",
+}
+#: A check of a field the builders do not read: None if the value is what they compute.
+Rule = Callable[[Any, Mapping[str, Any]], str | None]
+IMPLEMENTED = ("llama", "hgrn_bit")
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _only(*allowed: Any, what: str) -> Rule:
+    """A rule accepting only `allowed` (1.0 is 1, but true is not 1)."""
+
+    def rule(value: Any, _data: Mapping[str, Any]) -> str | None:
+        if any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
+            return None
+        return (f"{what} is not modelled (got {_shown(value)}); expected "
+                + " or ".join(_shown(a) for a in allowed))
+
+    return rule
+
+
+def _head_dim(value: Any, data: Mapping[str, Any]) -> str | None:
+    hidden = data.get("hidden_size")
+    heads = data.get("num_attention_heads") or data.get("num_heads") or 1
+    if value is None or not isinstance(hidden, int) or not isinstance(heads, int) or heads < 1:
+        return None  # the hidden size and heads are validated later
+    if value == hidden / heads:
+        return None
+    return (f"a head size other than hidden_size / num_attention_heads is not modelled "
+            f"(got {_shown(value)}); expected {hidden // heads} or null")
+
+
+def _hidden_ratio(value: Any, data: Mapping[str, Any]) -> str | None:
+    if data.get("intermediate_size") is not None:
+        return None  # it only sizes a null intermediate_size
+    return _only(4, None, what="a GLU ratio other than 4 for a null intermediate_size")(
+        value, data)
+
+
+def _tied(value: Any, data: Mapping[str, Any]) -> str | None:
+    if data.get("model_type") != "hgrn_bit" or value is not True:
+        return None
+    return "tied embeddings in hgrn_bit (its LM head is ternary) are not modelled; expected false"
+
+
+def _attention_only(value: Any, data: Mapping[str, Any]) -> str | None:
+    if data.get("model_type") != "hgrn_bit" or value is None:
+        return None
+    return "does not apply to hgrn_bit (it has no attention); expected the field left out"
+
+
+def _heads_alias(value: Any, data: Mapping[str, Any]) -> str | None:
+    if data.get("model_type") == "hgrn_bit":
+        return None
+    return "is the hgrn_bit name of the head count; expected num_attention_heads"
+
+
+MOE_FIELDS = ("num_local_experts", "num_experts", "num_experts_per_tok", "n_routed_experts",
+              "n_shared_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
+              "moe_layer_freq", "first_k_dense_replace", "decoder_sparse_step")
+#: Fields that change the model but that the builders do not read: accepted only at the value
+#: the builders compute anyway, else refused as not modelled.
+RULES: dict[str, Rule] = {
+    "sliding_window": _only(None, what="sliding-window attention"),
+    "rope_scaling": _only(None, what="RoPE scaling"),
+    "attention_bias": _only(False, None, what="a bias on the attention projections"),
+    "mlp_bias": _only(False, None, what="a bias on the MLP projections"),
+    "pretraining_tp": _only(1, None, what="splitting the matmuls into pretraining_tp slices"),
+    "hidden_act": _only("silu", "swish", what="an activation other than SiLU (SwiGLU/GLU)"),
+    "quantization_config": _only(None, what="a quantised checkpoint"),
+    "head_dim": _head_dim,
+    "hidden_ratio": _hidden_ratio,
+    "use_short_conv": _only(False, None, what="the short convolution of HGRN"),
+    "expand_ratio": _only(1, None, what="an MLGRU wider than hidden_size (expand_ratio)"),
+    "use_lower_bound": _only(True, None, what="an MLGRU without forget-gate lower bounds"),
+    **dict.fromkeys(MOE_FIELDS, _only(None, what="mixture-of-experts")),
+    "tie_word_embeddings": _tied,
+    "rope_theta": _attention_only,
+    "num_key_value_heads": _attention_only,
+    "num_heads": _heads_alias,
+}
+#: Other spellings of modelled fields: HGRN-Bit's num_heads; transformers ≥ 4.56's dtype.
+ALIAS_FIELDS = {"num_heads": "num_attention_heads", "dtype": "torch_dtype"}
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -109,23 +240,83 @@ def _read_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(str(path), f"cannot be read as a UTF-8 model config ({exc})") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise UserError(str(path), f"is not valid JSON/YAML: {str(exc).splitlines()[0]}") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}", f"is not valid JSON: {exc.msg}") from None
+        except ValueError as exc:
+            raise UserError(str(path), str(exc)) from None
+    else:
+        data = load_yaml(text, str(path))
     if not isinstance(data, dict):
         raise UserError(str(path), "expected a mapping of HF config fields")
-    if data.get("model_type") == "hgrn_bit" and "num_heads" in data:
-        data.setdefault("num_attention_heads", data["num_heads"])
+    return data
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"key '{key}' appears twice; expected each key once")
+        data[key] = value
     return data
 
 
 def _coerce(key: str, text: str) -> Any:
-    value = yaml.safe_load(text) if text.strip() else None
-    if key in ModelConfig.model_fields:
-        return value
-    raise UserError(f"--model-set {key}", "unknown field; expected one of: "
-                    + ", ".join(sorted(f for f in ModelConfig.model_fields if f != "name")))
+    return load_yaml(text, f"--model-set {key}") if text.strip() else None
+
+
+def _modelled() -> list[str]:
+    return [f for f in ModelConfig.model_fields if f != "name"]
+
+
+def _known() -> list[str]:
+    return sorted({*_modelled(), *IGNORED_FIELDS, *RULES, *ALIAS_FIELDS})
+
+
+def _unknown(key: str) -> str:
+    """What to say of an unknown field: the nearest known name (a modelled one first)."""
+    near = (difflib.get_close_matches(key, _modelled(), n=1)
+            or difflib.get_close_matches(key, _known(), n=1))
+    if near:
+        return f"unknown field; did you mean {near[0]}?"
+    return "unknown field; expected one of: " + ", ".join(_modelled())
+
+
+def _check_fields(data: dict[str, Any], model: str, overridden: Collection[str]
+                  ) -> dict[str, Any]:
+    """The modelled fields of raw config `data` (from `model`, with `overridden` keys set by
+    --model-set); UserError for any field whose meaning would be lost."""
+
+    def where(key: str) -> str:
+        return f"--model-set {key}" if key in overridden else f"{model}: {key}"
+
+    kind = data.get("model_type")
+    if kind not in IMPLEMENTED:
+        got = "is missing" if kind is None else f"{_shown(kind)!r} is not implemented"
+        raise UserError(where("model_type") if "model_type" in overridden else model,
+                        f"model_type {got}; expected {' or '.join(IMPLEMENTED)}")
+    for key, value in data.items():
+        if key in RULES and (problem := RULES[key](value, data)):
+            raise UserError(where(key), problem)
+    known = _known()
+    for key in data:
+        if str(key) not in known:
+            raise UserError(where(str(key)), _unknown(str(key)))
+    return _aliased({k: v for k, v in data.items()
+                     if k in ModelConfig.model_fields or k in ALIAS_FIELDS}, where)
+
+
+def _aliased(data: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
+    for alias, field in ALIAS_FIELDS.items():
+        if alias not in data:
+            continue
+        value = data.pop(alias)
+        if data.setdefault(field, value) != value:
+            raise UserError(where(alias), f"is {_shown(value)} but {field} is "
+                            f"{_shown(data[field])}; expected one value for both")
+    return data
 
 
 def resolve_model(model: str, overrides: Mapping[str, str] | None = None) -> ModelConfig:
@@ -141,13 +332,15 @@ def resolve_model(model: str, overrides: Mapping[str, str] | None = None) -> Mod
     else:
         raise UserError("--model", f"unknown model '{model}'; expected a config path or one of: "
                         + ", ".join([*ALIASES, *PRESETS]))
-    for key, text in (overrides or {}).items():
+    overrides = overrides or {}
+    for key, text in overrides.items():
         data[key] = _coerce(key, text)
-    data["name"] = shown + "".join(f" {k}={v}" for k, v in (overrides or {}).items())
+    data = _check_fields(data, model, overrides)
+    data["name"] = shown + "".join(f" {k}={v}" for k, v in overrides.items())
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
         field = ".".join(str(p) for p in error["loc"]) or "config"
-        where = f"--model-set {field}" if field in (overrides or {}) else f"{model}: {field}"
+        where = f"--model-set {field}" if field in overrides else f"{model}: {field}"
         raise UserError(where, error["msg"].removeprefix("Value error, ")) from None

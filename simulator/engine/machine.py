@@ -83,9 +83,14 @@ class Slice:
 
 @dataclass
 class Usage:
-    """What the machine did: busy time per resource and bytes it moved (ns, bytes)."""
+    """What the machine did: busy time per resource and bytes it moved (ns, bytes).
+
+    `track_bytes` counts the useful bytes each DRAM channel and the L2 moved: a narrow
+    access holds a channel for a whole burst (`busy_ns`) but moves only its own bytes.
+    """
 
     busy_ns: dict[str, float] = field(default_factory=dict)
+    track_bytes: dict[str, float] = field(default_factory=dict)
     dram_bytes: float = 0.0
     dram_activated_bytes: float = 0.0
     l2_bytes: float = 0.0
@@ -94,10 +99,15 @@ class Usage:
     def add(self, track: str, ns: float) -> None:
         self.busy_ns[track] = self.busy_ns.get(track, 0.0) + ns
 
+    def add_bytes(self, track: str, nbytes: float) -> None:
+        self.track_bytes[track] = self.track_bytes.get(track, 0.0) + nbytes
+
     def merge(self, other: Usage) -> None:
         """Add what `other` did to this usage."""
         for track, ns in other.busy_ns.items():
             self.add(track, ns)
+        for track, nbytes in other.track_bytes.items():
+            self.add_bytes(track, nbytes)
         self.dram_bytes += other.dram_bytes
         self.dram_activated_bytes += other.dram_activated_bytes
         self.l2_bytes += other.l2_bytes
@@ -121,6 +131,13 @@ def host_transfer_ns(hw: Hardware, nbytes: float) -> float:
     return base * hw.memory.dram.arbitration_growth ** (hw.cores_per_channel - 1)
 
 
+def channel_bandwidth(hw: Hardware) -> float:
+    """Bytes/s one modelled DRAM channel sustains (all of them as one where interleaved)."""
+    dram = hw.memory.dram
+    return dram.bandwidth_per_channel * dram.efficiency * (dram.channels if dram.interleave
+                                                           else 1)
+
+
 class Machine:
     """SimPy resources of one `Hardware`, and the processes that move bytes through them."""
 
@@ -131,8 +148,7 @@ class Machine:
         dram = hw.memory.dram
         clock = hw.core_clock
         self.channels = 1 if dram.interleave else dram.channels
-        channel_bw = dram.bandwidth_per_channel * dram.efficiency * (
-            dram.channels if dram.interleave else 1)
+        channel_bw = channel_bandwidth(hw)
         self.dram = [Fifo(env) for _ in range(self.channels)]
         self.units = {(core, name): Fifo(env)
                       for core in range(hw.cores.count) for name in hw.cores.units}
@@ -197,6 +213,7 @@ class Machine:
                                  cores[0] if through_port else None,
                                  accesses * self.interval_ns, op, len(cores) * nbytes)
         self.usage.add(f"dram{channel}", occupied)
+        self.usage.add_bytes(f"dram{channel}", len(cores) * nbytes)
         self.usage.dram_bytes += len(cores) * nbytes
         self.usage.dram_activated_bytes += len(cores) * accesses * max(
             self.access_bytes, self.hw.memory.dram.burst)
@@ -210,6 +227,7 @@ class Machine:
         port = nbytes / self.access_bytes * self.interval_ns
         yield from self._through(self.l2, "l2", held, cores[0], port, op, len(cores) * nbytes)
         self.usage.add("l2", held)
+        self.usage.add_bytes("l2", len(cores) * nbytes)
         self.usage.l2_bytes += len(cores) * nbytes
 
     def host_transfer(self, nbytes: float) -> Process:
@@ -223,5 +241,6 @@ class Machine:
         written = nbytes * self.channel_ns_per_byte  # the host writes full bursts
         yield from self._through(self.dram[0], "dram0", written, None, 0.0, -1, nbytes)
         self.usage.add("dram0", written)
+        self.usage.add_bytes("dram0", nbytes)
         self.usage.dram_bytes += nbytes
         self.usage.dram_activated_bytes += nbytes

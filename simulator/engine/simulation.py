@@ -5,6 +5,9 @@ load (DRAM and/or L2) → compute (its unit) → store, with one chunk loading w
 previous computes (double buffering). A task starts when its producers are done (all
 their parts under tensor mapping; the same lane under batch mapping), after a serial
 launch overhead; without `overlap_ops` it also waits for the previous op (one stream).
+The launch overhead follows the machine's runtime (`overheads.runtime`): eager pays
+`launch` before every kernel; cuda_graphs pays `graph_launch` once per step, after the
+host's input, and `graph_kernel_gap` before every kernel.
 
 On one stream each op starts on an idle machine, so its timing depends on its kernels
 alone: each distinct op is simulated once and replayed wherever it recurs (every layer of
@@ -34,12 +37,21 @@ class Timeline:
     slices: list[Slice] = field(default_factory=list)
 
 
+def launch_costs(hw: Hardware) -> tuple[float, float]:
+    """(ns before each kernel, ns once per step) under the machine's runtime."""
+    overheads, clock = hw.overheads, hw.core_clock
+    if overheads.runtime == "cuda_graphs":
+        assert overheads.graph_launch is not None  # the schema requires it
+        return overheads.graph_kernel_gap.ns(clock), overheads.graph_launch.ns(clock)
+    return overheads.launch.ns(clock), 0.0
+
+
 class _Run:
     def __init__(self, hw: Hardware, tasks: list[Task], record: bool) -> None:
         self.env = simpy.Environment()
         self.machine = Machine(self.env, hw, record)
         self.hw, self.tasks, self.record = hw, tasks, record
-        self.launch_ns = hw.overheads.launch.ns(hw.core_clock)
+        self.launch_ns, self.step_launch_ns = launch_costs(hw)
         self.barrier_ns = hw.overheads.barrier.ns(hw.core_clock)
         self.issue_ns = hw.cores.issue.ns(hw.core_clock)
         self.stages = hw.cores.pipeline_stages
@@ -54,6 +66,11 @@ class _Run:
     def _timeout(self, ns: float) -> simpy.Event:
         self.events += 1
         return self.env.timeout(ns)
+
+    def _step_start(self, host_bytes: float) -> Process:
+        """The host's input, then the step's one graph launch (cuda_graphs)."""
+        yield self.env.process(self.machine.host_transfer(host_bytes))
+        yield self._timeout(self.step_launch_ns)
 
     def _part(self, index: int, part: Part, ready: simpy.Event) -> Process:
         yield ready
@@ -142,9 +159,11 @@ class _Run:
                 yield self._timeout(self.barrier_ns)
         self.end[index] = env.now
 
-    def run(self, host_bytes: float) -> Timeline:
+    def run(self, host_bytes: float, step: bool = True) -> Timeline:
+        """Simulate the tasks; `step`: they open a step (a graph launch is paid first)."""
         env = self.env
-        host = env.process(self.machine.host_transfer(host_bytes))
+        host = env.process(self._step_start(host_bytes) if step and self.step_launch_ns
+                           else self.machine.host_transfer(host_bytes))
         for task in self.tasks:
             self.part_done.append([env.event() for _ in task.stages[-1]])
             self.done.append(env.event())
@@ -180,7 +199,7 @@ def _one_stream(hw: Hardware, tasks: list[Task], host_bytes: float, record: bool
         run = alone.get(task.stages)
         if run is None:
             by_itself = replace(task, op=replace(task.op, deps=()))
-            run = alone[task.stages] = _Run(hw, [by_itself], record).run(0.0)
+            run = alone[task.stages] = _Run(hw, [by_itself], record).run(0.0, step=False)
             events += run.events
         starts.append(now + run.op_start_ns[0])
         ends.append(now + run.op_end_ns[0])

@@ -70,7 +70,7 @@ def parse_yaml(text: str, shown: str) -> tuple[Any, yaml.Node | None]:
         if node is not None and _count_nodes(node, MAX_NODES) > MAX_NODES:
             raise UserError(shown, f"expands to more than {MAX_NODES} YAML nodes "
                                    "(aliases nested too deep)")
-        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:
         raise UserError(*describe(exc, shown)) from None
     except yaml.YAMLError as exc:
@@ -143,7 +143,7 @@ def validate(data: Any, shown: str, node: yaml.Node | None = None) -> Hardware:
     if not isinstance(data, dict):
         raise UserError(shown, "expected a YAML mapping of hardware sections at top level")
     try:
-        return Hardware.model_validate(data)
+        return Hardware.model_validate(data).read_from(shown)
     except ValidationError as exc:
         # an unknown key first: a misspelt key also makes its real name look missing
         error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")

@@ -9,7 +9,7 @@ the owning clock ("4 cycle"). Unknown keys are rejected so a typo never becomes 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -17,10 +17,12 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
+    GetCoreSchemaHandler,
+    PrivateAttr,
     WithJsonSchema,
     model_validator,
 )
+from pydantic_core import CoreSchema, core_schema
 
 from simulator.units import UnitError, parse
 
@@ -32,6 +34,8 @@ DType = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int32", "int8", "int4", 
 VectorClass = Literal["elementwise", "activation", "reduction", "norm", "recurrence", "softmax",
                       "embedding", "memory"]
 UnitKind = Literal["matrix", "ternary", "vector"]
+#: Ways to spread a step over the cores (simulator.mapping): split every op, or per sequence.
+MappingMode = Literal["tensor", "batch"]
 
 
 def _quantity(dimension: str, *, positive: bool) -> object:
@@ -49,18 +53,21 @@ def _quantity(dimension: str, *, positive: bool) -> object:
     return BeforeValidator(convert)
 
 
-def _schema(dimension: str, example: str) -> WithJsonSchema:
-    return WithJsonSchema(
-        {"type": "string", "description": f"{dimension} with unit, e.g. '{example}'",
-         "examples": [example]}
-    )
+def _schema(dimension: str, example: str | None = None, units: str = "") -> WithJsonSchema:
+    """A quantity's JSON Schema: with one example, or (types whose fields differ too much
+    for one example: sizes, bits, bandwidths) the units, each field giving its own."""
+    if example is None:
+        return WithJsonSchema({"type": "string", "description": f"{dimension} with unit ({units})"})
+    return WithJsonSchema({"type": "string", "description": f"{dimension} with unit, e.g. "
+                                                            f"'{example}'", "examples": [example]})
 
 
 Frequency = Annotated[float, _quantity("frequency", positive=True), _schema("frequency", "60 MHz")]
 Bandwidth = Annotated[float, _quantity("bandwidth", positive=True),
-                      _schema("bandwidth", "19.2 GB/s")]
-Size = Annotated[float, _quantity("size", positive=True), _schema("size", "32 GiB")]
-Bits = Annotated[float, _quantity("bits", positive=True), _schema("bits", "512 bit")]
+                      _schema("bandwidth", units="MB/s, GB/s, TB/s, GiB/s")]
+Size = Annotated[float, _quantity("size", positive=True),
+                 _schema("size", units="B, KiB, MiB, GiB, kB, MB, GB")]
+Bits = Annotated[float, _quantity("bits", positive=True), _schema("bits", units="bit, B")]
 Energy = Annotated[float, _quantity("energy", positive=False), _schema("energy", "0.9 pJ")]
 Power = Annotated[float, _quantity("power", positive=False), _schema("power", "13.4 W")]
 Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -79,10 +86,35 @@ class Delay(NamedTuple):
         """The delay in nanoseconds at `clock_hz`."""
         return self.seconds * 1e9 + self.cycles / clock_hz * 1e9
 
+    def text(self) -> str:
+        """The delay as a hardware file writes it: '4.5e-08 s', '4 cycle', '0 s', or
+        '4.5e-08 s + 4 cycle' (both)."""
+        parts = [f"{_number(self.seconds)} s"] if self.seconds or not self.cycles else []
+        if self.cycles:
+            parts.append(f"{_number(self.cycles)} cycle")
+        return " + ".join(parts)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, _source: Any, _handler: GetCoreSchemaHandler
+                                     ) -> CoreSchema:
+        """Read from text (`_delay`); written back as text the loader reads (`text`), so
+        the defaults `simulate schema` shows load too."""
+        return core_schema.no_info_plain_validator_function(
+            _delay, serialization=core_schema.plain_serializer_function_ser_schema(cls.text))
+
+
+def _number(value: float) -> str:
+    """`value` as short as it reads back exactly."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
 
 def _delay(value: object) -> Delay:
     if isinstance(value, Delay):
         return value
+    if isinstance(value, str) and " + " in value:  # a time and a cycle count, added
+        parts = [_delay(part) for part in value.split(" + ")]
+        return Delay(sum(p.seconds for p in parts), sum(p.cycles for p in parts))
     try:
         return Delay(seconds=parse(value, "time"))  # type: ignore[arg-type]
     except UnitError:
@@ -105,9 +137,7 @@ def _non_negative_delay(delay: Delay) -> Delay:
 
 DelayField = Annotated[
     Delay,
-    BeforeValidator(_delay),
     AfterValidator(_non_negative_delay),
-    PlainSerializer(lambda d: d._asdict()),
     WithJsonSchema({"type": "string", "description": "time or cycles with unit, e.g. '45 ns'",
                     "examples": ["45 ns", "4 cycle"]}),
 ]
@@ -149,7 +179,8 @@ class Cores(Strict):
     count: int = Field(ge=1, le=100_000, strict=True)
     clock: Frequency | None = None
     units: dict[str, Unit] = Field(min_length=1)
-    sram: Size = Field(description="on-chip tile buffer/register file per core")
+    sram: Size = Field(description="on-chip tile buffer/register file per core",
+                       examples=["192 KiB"])
     issue: DelayField = Field(default=Delay(), description="per op issued on a core")
     pipeline_stages: int = Field(
         default=2, ge=1, le=16, strict=True,
@@ -159,14 +190,25 @@ class Cores(Strict):
 class Dram(Strict):
     kind: str
     channels: int = Field(ge=1, le=4096, strict=True)
-    bandwidth_per_channel: Bandwidth
+    bandwidth_per_channel: Bandwidth = Field(examples=["19.2 GB/s"])
     efficiency: Fraction = 1.0
     latency: DelayField = Delay()
-    capacity: Size
-    access_width: Bits = Field(description="bits one core moves per access")
+    capacity: Size = Field(examples=["32 GiB"])
+    access_width: Bits = Field(
+        examples=["512 bit"],
+        description="bits one core moves per access (its port). Each access holds the "
+                    "channel for max(access_width, burst), so below `burst` the channel is busy "
+                    "for a whole burst but moves access_width of useful data: a non-burst 8-bit "
+                    "DDR4 read occupies a 64-byte BL8 burst, 1/64 of the channel's bandwidth. "
+                    "Reports show both: channel_utilisation (time held) and "
+                    "channel_useful_utilisation (useful bytes / bandwidth × time)")
     access_interval: DelayField = Field(
         default=Delay(cycles=1), description="core cycles between two accesses of one core")
-    burst: Size = Field(description="bytes one access occupies a channel for, at least")
+    burst: Size = Field(
+        examples=["64 B"],
+        description="bytes of channel time one access takes, at least: the DRAM's minimum "
+                    "transfer (DDR4 BL8 on a 64-bit channel: 64 B; GPU sectors: 32 B); an "
+                    "access narrower than this wastes the rest (see access_width)")
     arbitration_growth: float = Field(
         default=1.0, ge=1.0, le=16.0, allow_inf_nan=False,
         description="host-path latency factor per additional core sharing a channel "
@@ -178,8 +220,8 @@ class Dram(Strict):
 
 
 class L2(Strict):
-    capacity: Size
-    bandwidth: Bandwidth
+    capacity: Size = Field(examples=["40 MiB"])
+    bandwidth: Bandwidth = Field(examples=["7.2 TB/s"])
     latency: DelayField = Field(default=Delay(), description="load-to-use latency of a hit")
 
 
@@ -189,16 +231,49 @@ class Memory(Strict):
 
 
 class HostLink(Strict):
-    bandwidth: Bandwidth
+    bandwidth: Bandwidth = Field(examples=["15.75 GB/s"])
     latency: DelayField = Delay()
     transaction: Size | None = Field(
-        default=None, description="bytes per host write (8 B for MMIO); none: one DMA")
+        default=None, examples=["8 B"],
+        description="bytes per host write (8 B for MMIO); none: one DMA")
     transaction_time: DelayField = Field(default=Delay(), description="cost of each write")
 
 
+#: Host runtimes a GPU's kernels can be launched under (see `Overheads`).
+Runtime = Literal["eager", "cuda_graphs"]
+
+
 class Overheads(Strict):
+    """What starting ops costs. A GPU names the host runtime it models: `eager` pays `launch`
+    before every kernel; `cuda_graphs` pays `graph_launch` once per step (its kernels captured
+    in one graph) and `graph_kernel_gap` before each kernel. No `runtime` (custom cores): ops
+    pay `launch` each, whatever issues them."""
+
+    runtime: Runtime | None = Field(
+        default=None, description="host runtime modelled: eager (a launch per kernel) or "
+                                  "cuda_graphs (one graph launch per step); none: no host runtime")
     launch: DelayField = Field(default=Delay(), description="per op (kernel) launch, serial")
+    graph_launch: DelayField | None = Field(
+        default=None, description="cuda_graphs: one graph launch per step, serial; none: the "
+                                  "machine has no CUDA-graph runtime")
+    graph_kernel_gap: DelayField = Field(
+        default=Delay(), description="cuda_graphs: GPU-side gap before each kernel of a graph")
     barrier: DelayField = Field(default=Delay(), description="cross-core sync after a split op")
+
+    @model_validator(mode="after")
+    def _graphs_declared(self) -> Overheads:
+        if self.runtime == "cuda_graphs" and self.graph_launch is None:
+            raise ValueError("runtime cuda_graphs needs overheads.graph_launch (per step)")
+        if self.graph_launch is not None and self.runtime is None:
+            raise ValueError("overheads.graph_launch needs overheads.runtime (eager or "
+                             "cuda_graphs): a CUDA-graph launch belongs to a host runtime")
+        return self
+
+    def runtimes(self) -> tuple[Runtime, ...]:
+        """The runtimes this machine can run under (none without a host runtime)."""
+        if self.runtime is None:
+            return ()
+        return ("eager", "cuda_graphs") if self.graph_launch is not None else ("eager",)
 
 
 class FlashAttention(Strict):
@@ -226,13 +301,19 @@ class Scheduling(Strict):
         default=False,
         description="activations that fit a core's SRAM stay there between ops (register "
                     "file of a custom core); false: every op reads and writes them (GPU kernels)")
+    mappings: tuple[MappingMode, ...] = Field(
+        default=("tensor", "batch"), min_length=1,
+        description="ways the machine may spread a step over its cores (--mapping): tensor "
+                    "(every op split across the cores) and/or batch (each core runs whole ops "
+                    "for its own sequences); a file that does not say allows both")
 
 
 class ByteEnergy(Strict):
     dram: Energy
-    l2: Energy = 0.0
-    sram: Energy = 0.0
-    host: Energy = 0.0
+    # defaults as a file writes them (validated), so `simulate schema` shows loadable ones
+    l2: Energy = Field(default="0 pJ", validate_default=True)
+    sram: Energy = Field(default="0 pJ", validate_default=True)
+    host: Energy = Field(default="0 pJ", validate_default=True)
 
 
 class LogicPower(Strict):
@@ -245,7 +326,8 @@ class LogicPower(Strict):
 class PowerModel(Strict):
     idle: Power = Field(description="platform power with every core idle")
     logic: LogicPower | None = None
-    per_core: Power = Field(default=0.0, description="static power of each active core")
+    per_core: Power = Field(default="0 W", validate_default=True,
+                            description="static power of each active core")
     op_energy: dict[UnitKind, dict[DType | Literal["default"], Energy]]
     byte_energy: ByteEnergy
     tdp: Power | None = None
@@ -263,6 +345,18 @@ class Hardware(Strict):
     overheads: Overheads = Overheads()
     scheduling: Scheduling = Scheduling()
     power: PowerModel
+    #: the file it was read from (see `source`)
+    _source: str = PrivateAttr(default="")
+
+    @property
+    def source(self) -> str:
+        """The file this machine was read from, for errors; its name if built in Python."""
+        return self._source or self.name
+
+    def read_from(self, shown: str) -> Hardware:
+        """Note the file this machine was read from; returns the machine."""
+        self._source = shown
+        return self
 
     @model_validator(mode="after")
     def _energies_cover_units(self) -> Hardware:

@@ -13,6 +13,7 @@ import torch
 from simulator.errors import UserError
 from simulator.hardware.schema import Hardware
 from simulator.kernels.functional import Executor, Fault, OpCheck, Replay, counts
+from simulator.hardware.select import UnratedDtype, check_mapping
 from simulator.mapping import Mapping, map_trace
 from simulator.workload.cache import get_trace
 from simulator.workload.trace import Phase
@@ -43,6 +44,8 @@ class CheckResult:
     tolerance: float
     layers: list[LayerCheck]
     ops: list[OpCheck] = field(repr=False)
+    #: the tiles, blocks and chunks each kernel op ran, by op index (simulator.decompose)
+    executed: dict[int, list[Any]] = field(default_factory=dict, repr=False)
 
     @property
     def kernel_failures(self) -> list[OpCheck]:
@@ -54,14 +57,38 @@ class CheckResult:
     def passed(self) -> bool:
         return all(layer.passed for layer in self.layers) and not self.kernel_failures
 
+    @property
+    def unchecked(self) -> list[OpCheck]:
+        """Kernel ops some of whose timed tiles, blocks or chunks the check did not run."""
+        return [op for op in self.ops if op.by_kernel and op.tiles_checked != op.tiles_timed]
+
+    def by_kind(self) -> dict[str, tuple[int, int, int, float]]:
+        """Per kernel kind: (ops, tiles timed, tiles checked, max relative error)."""
+        rows: dict[str, tuple[int, int, int, float]] = {}
+        for op in self.ops:
+            if op.by_kernel:
+                ops, timed, checked, worst = rows.get(op.kind, (0, 0, 0, 0.0))
+                rows[op.kind] = (ops + 1, timed + op.tiles_timed, checked + op.tiles_checked,
+                                 max(worst, op.max_rel))
+        return dict(sorted(rows.items()))
+
     def to_dict(self) -> dict[str, Any]:
         by_kernel, by_reference = counts(self.ops)
         return {"hardware": self.hardware, "model": self.model, "mapping": self.mapping,
-                "tolerance": self.tolerance, "passed": self.passed,
+                "tolerance": self.tolerance, "passed": self.passed, "schedule": "timed",
                 "layers": [layer.__dict__ for layer in self.layers],
                 "kernel_ops": dict(sorted(by_kernel.items())),
                 "reference_ops": dict(sorted(by_reference.items())),
+                "ops": [_op_dict(op) for op in self.ops if op.by_kernel],
+                "unchecked_ops": [op.index for op in self.unchecked],
                 "kernel_failures": [op.__dict__ for op in self.kernel_failures]}
+
+
+def _op_dict(op: OpCheck) -> dict[str, Any]:
+    """One kernel op of the JSON report: the timed units it ran, and its error."""
+    return {"index": op.index, "name": op.name, "kind": op.kind,
+            "tiles_timed": op.tiles_timed, "tiles_checked": op.tiles_checked,
+            "max_abs_error": op.max_abs, "max_rel_error": op.max_rel}
 
 
 def _initialise(model: torch.nn.Module, cfg: ModelConfig) -> None:
@@ -120,7 +147,11 @@ def run_check(hw: Hardware, cfg: ModelConfig, *, mapping: Mapping = "tensor", ba
         tensor.copy_(0.5 * torch.randn(tensor.shape, generator=generator))
     trace = get_trace(cfg, phase, batch, context if phase == "decode" else 0,
                       prompt if phase == "prefill" else 0)
-    tasks = map_trace(trace, hw, mapping)
+    check_mapping(hw, mapping)
+    try:
+        tasks = map_trace(trace, hw, mapping)
+    except UnratedDtype as exc:
+        raise exc.for_model(cfg.name) from None
 
     reference, handles = _watch(model, cfg)
     with torch.no_grad():
@@ -141,4 +172,5 @@ def run_check(hw: Hardware, cfg: ModelConfig, *, mapping: Mapping = "tensor", ba
         error = float((computed[name] - ref).abs().max())
         relative = error / (float(ref.abs().max()) or 1.0)
         layers.append(LayerCheck(name, error, relative, relative <= tolerance))
-    return CheckResult(hw.name, cfg.name, mapping, tolerance, layers, executor.checks)
+    return CheckResult(hw.name, cfg.name, mapping, tolerance, layers, executor.checks,
+                       executor.executed)

@@ -2,11 +2,20 @@
 
 A case file (YAML) lists cases with the hardware, model and run they describe, the metric
 compared, the published value with its source, a role and a tolerance. Roles:
-`fitted` (a calibration point), `held-out` (predicted, never fitted), `projection` (a
-published projection set against the realistic design: shown with its error and a note
-that explains it, not gated), `open` (a known miss, shown with its error and what would
-close it, not gated), `report` (printed for context, not checked). Reference
-values are never inputs to the model.
+- `fitted`: a calibration point (gated at ±10 %);
+- `held-out`: simulated by the engine, nothing fitted to it, and not an algebraic
+  restatement of a fitted case or of the paper's own projection rule (gated at ±15 %);
+  the only role that counts as independent evidence;
+- `consistency`: a restatement (the same configuration as a fitted case compared with
+  another measurement of it, the paper's projection arithmetic reproduced, a ratio of two
+  other cases): printed and gated like held-out, never counted as evidence;
+- `projection`: a published projection set against the realistic design (not gated);
+- `open`: a known miss, shown with its error and what would close it (not gated);
+- `report`: printed for context, not checked.
+A file's optional `defaults` mapping gives fields shared by its cases (a case's own value
+wins). A gate wider than its role's standard needs a `gate_reason`; such cases are counted
+apart. A derived metric (TFLOPs/s, tokens/s, ratios) names its `formula` and the
+`formula_source` it was read from. Reference values are never inputs to the model.
 """
 
 from __future__ import annotations
@@ -17,21 +26,27 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from simulator.api import simulate
-from simulator.engine.machine import host_transfer_ns
+from simulator.engine import simulate_tasks
 from simulator.errors import UserError, first_error
 from simulator.hardware import load_hardware
-from simulator.oprun import attention_flops, attention_op, gemm_op, run_op
+from simulator.oprun import Mode, gemm_op, run_attention, run_op
 from simulator.report import Result
+from simulator.yamlfile import load_yaml
 from workloads.config import resolve_model
 
 Metric = Literal["block_latency_s", "blocks_latency_s", "blocks_tokens_per_s", "latency_s",
                  "tokens_per_s", "power_w", "energy_per_token_j", "memory_bytes",
-                 "input_vector_transfer_s", "fwd_bwd_tflops", "tflops", "latency_ratio",
-                 "memory_ratio"]
+                 "input_vector_transfer_s", "tflops", "latency_ratio", "memory_ratio"]
+Role = Literal["fitted", "held-out", "consistency", "projection", "open", "report"]
+ROLES: tuple[Role, ...] = ("fitted", "held-out", "consistency", "projection", "open", "report")
+#: The standard gate of each gated role (a wider one needs a `gate_reason`).
+GATES: dict[str, float] = {"fitted": 0.10, "held-out": 0.15, "consistency": 0.15}
+#: Metrics computed from others by a formula: a case comparing one names it and its source.
+DERIVED = {"tflops", "tokens_per_s", "blocks_tokens_per_s", "energy_per_token_j",
+           "latency_ratio", "memory_ratio"}
 
 
 class Kernel(BaseModel):
@@ -40,6 +55,7 @@ class Kernel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["attention", "gemm"]
+    mode: Mode = Field(default="fwd", description="attention: fwd, bwd or fwd_bwd")
     batch: int = 1
     heads: int = 1
     seq: int = 1
@@ -79,9 +95,42 @@ class Case(BaseModel):
     metric: Metric
     reference: float
     source: str
-    role: Literal["fitted", "held-out", "projection", "open", "report"]
+    role: Role
     tolerance: float = Field(gt=0)
+    gate_reason: str = ""
+    formula: str = ""
+    formula_source: str = ""
+    group: str = Field(default="", description="cases of one curve, checked for one-sided bias")
     note: str = ""
+
+    @model_validator(mode="after")
+    def _honest(self) -> Case:
+        standard = GATES.get(self.role)
+        if standard is not None and self.tolerance > standard + 1e-12 and not self.gate_reason:
+            raise ValueError(f"a {self.role} case is gated at ±{standard:.0%}; a tolerance of "
+                             f"{self.tolerance:g} needs a gate_reason")
+        if self.metric in DERIVED and not (self.formula and self.formula_source):
+            raise ValueError(f"metric {self.metric} is derived: give its formula and "
+                             "formula_source")
+        return self
+
+    @property
+    def widened(self) -> bool:
+        """Gated wider than its role's standard (with a stated reason)."""
+        standard = GATES.get(self.role)
+        return standard is not None and self.tolerance > standard + 1e-12
+
+
+class Empirical(BaseModel):
+    """A calibrated parameter that is a curve-fit term, not a mechanism: said in `validate`
+    with the cases that show the model without it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    parameter: str
+    hardware: list[str] = Field(min_length=1)
+    reason: str
+    without: list[str] = Field(default_factory=list, description="case ids run without it")
 
 
 @dataclass(frozen=True)
@@ -101,7 +150,7 @@ class Outcome:
     @property
     def gated(self) -> bool:
         """Whether the case must lie within its tolerance."""
-        return self.case.role in ("fitted", "held-out")
+        return self.case.role in GATES
 
 
 def shipped_case_files() -> list[Path]:
@@ -109,18 +158,47 @@ def shipped_case_files() -> list[Path]:
     return sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_cases(path: str | Path) -> list[Case]:
-    """Read a case file; errors name the file and the case."""
+def _read(path: str | Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise UserError(str(path), f"cannot read the case file ({exc})") from None
+    data = load_yaml(text, str(path))
     if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
         raise UserError(str(path), "expected a mapping with a list of 'cases'")
+    unknown = set(data) - {"cases", "defaults", "empirical"}
+    if unknown:
+        raise UserError(str(path), f"unknown top-level key(s) {', '.join(sorted(unknown))}; "
+                                   "expected 'defaults', 'empirical' and 'cases'")
+    return data
+
+
+def load_empirical(path: str | Path) -> list[Empirical]:
+    """The curve-fit terms a case file declares."""
+    items = _read(path).get("empirical") or []
+    if not isinstance(items, list):
+        raise UserError(f"{path}: empirical", "expected a list")
+    found = []
+    for number, item in enumerate(items):
+        try:
+            found.append(Empirical.model_validate(item))
+        except ValidationError as exc:
+            field_name, message = first_error(exc.errors())
+            raise UserError(f"{path}: empirical[{number}].{field_name}", message) from None
+    return found
+
+
+def load_cases(path: str | Path) -> list[Case]:
+    """Read a case file; errors name the file and the case."""
+    data = _read(path)
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise UserError(f"{path}: defaults", "expected a mapping of case fields")
     cases = []
     for number, item in enumerate(data["cases"]):
         try:
-            cases.append(Case.model_validate(item))
+            cases.append(Case.model_validate({**defaults, **item} if isinstance(item, dict)
+                                             else item))
         except ValidationError as exc:
             field_name, message = first_error(exc.errors())
             raise UserError(f"{path}: cases[{number}].{field_name}", message) from None
@@ -136,16 +214,20 @@ def _blocks(result: Result) -> float:
 
 
 def _kernel(case: Case, kernel: Kernel) -> float:
+    """TFLOP/s of the kernel, by the same code path as `simulate op`."""
     hw = load_hardware(case.hardware, case.hw_set)
     if kernel.type == "gemm":
         return run_op(hw, gemm_op(kernel.m, kernel.n, kernel.k, kernel.dtype, kernel.batch)).tflops
-    shape = (kernel.batch, kernel.heads, kernel.seq, kernel.head_dim, kernel.causal)
-    forward = run_op(hw, attention_op(*shape, False, kernel.dtype))
-    if case.metric == "tflops":
-        return attention_flops(*shape, False) / forward.latency_s * 1e-12
-    backward = run_op(hw, attention_op(*shape, True, kernel.dtype))
-    flops = attention_flops(*shape, False) + attention_flops(*shape, True)
-    return flops / (forward.latency_s + backward.latency_s) * 1e-12
+    return run_attention(hw, kernel.batch, kernel.heads, kernel.seq, kernel.head_dim,
+                         kernel.causal, kernel.mode, kernel.dtype).tflops
+
+
+def _host_transfer_s(case: Case) -> float:
+    """The engine's time to move one input vector (hidden × dtype bytes) host → card."""
+    hw = load_hardware(case.hardware, case.hw_set)
+    cfg = resolve_model(case.model, _strings(case.model_set))
+    timeline = simulate_tasks(hw, [], cfg.hidden_size * cfg.dtype_bytes)
+    return timeline.usage.busy_ns.get("host", 0.0) * 1e-9
 
 
 def _run(case: Case, model: str, model_set: dict[str, Any]) -> Result:
@@ -165,11 +247,11 @@ _RUNS: dict[str, Result] = {}
 def measure(case: Case) -> float:
     """The simulator's value of the case's metric."""
     if case.kernel is not None:
+        if case.metric != "tflops":
+            raise UserError(case.id, f"a kernel case measures tflops, not {case.metric}")
         return _kernel(case, case.kernel)
     if case.metric == "input_vector_transfer_s":
-        hw = load_hardware(case.hardware, case.hw_set)
-        cfg = resolve_model(case.model, _strings(case.model_set))
-        return host_transfer_ns(hw, cfg.hidden_size * cfg.dtype_bytes) * 1e-9
+        return _host_transfer_s(case)
     result = _run(case, case.model, case.model_set)
     if case.metric in ("latency_ratio", "memory_ratio"):
         if case.versus is None:

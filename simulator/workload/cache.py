@@ -1,14 +1,18 @@
 """Traces cached on disk (a user cache directory, never the source tree).
 
-Keyed by model config, phase, batch, context and prompt, so a repeated run neither
-imports torch nor rebuilds the model. `SIMULATE_CACHE_DIR` overrides the location.
+Keyed by the code that makes a trace (a hash of its sources and the torch version), the
+model config, phase, batch, context and prompt, so an edited workload never reuses an old
+trace and a repeated run neither imports torch nor rebuilds the model.
+`SIMULATE_CACHE_DIR` overrides the location.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
+from importlib import metadata
 from pathlib import Path
 
 from platformdirs import user_cache_dir
@@ -16,10 +20,35 @@ from platformdirs import user_cache_dir
 from simulator.errors import UserError
 from simulator.files import write_atomic
 from simulator.workload.trace import FORMAT_VERSION, Phase, Trace
+from workloads import config as model_configs
 from workloads.config import ModelConfig
 
-#: Bump when capture semantics change so stale traces are not reused.
-CAPTURE_VERSION = 2
+_HERE = Path(__file__).resolve().parent
+#: The code that determines a trace: the model builders (workloads/*.py) and the capture.
+SOURCES: tuple[Path, ...] = (
+    *sorted(Path(model_configs.__file__).resolve().parent.glob("*.py")),
+    _HERE / "capture.py", _HERE / "trace.py")
+
+
+def _torch_version() -> str:
+    """The installed torch's version, read from its metadata (importing torch is slow)."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+@functools.cache
+def code_hash() -> str:
+    """sha256 of SOURCES (names and bytes) and the torch version; computed once a process."""
+    digest = hashlib.sha256(f"torch {_torch_version()}\n".encode())
+    for path in SOURCES:
+        try:
+            content = path.read_bytes()
+        except OSError:
+            content = b"(missing)"
+        digest.update(f"{path.name} {len(content)}\n".encode() + content)
+    return digest.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -27,13 +56,16 @@ def cache_dir() -> Path:
 
 
 def _key(cfg: ModelConfig, phase: Phase, batch: int, context: int, prompt: int) -> str:
-    text = f"{FORMAT_VERSION}/{CAPTURE_VERSION}/{cfg.key()}/{phase}/{batch}/{context}/{prompt}"
+    text = f"{FORMAT_VERSION}/{code_hash()}/{cfg.key()}/{phase}/{batch}/{context}/{prompt}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def get_trace(cfg: ModelConfig, phase: Phase, batch: int, context: int, prompt: int,
               use_cache: bool = True) -> Trace:
-    """The trace of one step, from the cache when present, else captured (and cached)."""
+    """The trace of one step, from the cache when present, else captured (and cached).
+
+    Every simulated model passes here, so here its positional limit is enforced."""
+    cfg.check_positions(phase, context, prompt)
     path = cache_dir() / f"{_key(cfg, phase, batch, context, prompt)}.json"
     if use_cache and (known := _RECENT.get(path)) is not None:
         return known
@@ -47,7 +79,7 @@ def get_trace(cfg: ModelConfig, phase: Phase, batch: int, context: int, prompt: 
     trace = capture(cfg, phase, batch, context, prompt)
     if use_cache:
         with contextlib.suppress(UserError):  # an unwritable cache only costs speed
-            write_atomic(path, trace.to_json(), "cache")
+            write_atomic(path, trace.to_json(), "cache", make_parents=True)
     return _remember(path, trace)
 
 
