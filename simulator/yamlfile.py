@@ -3,6 +3,8 @@ overwrite (PyYAML keeps the last value)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import yaml
@@ -37,16 +39,23 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(text: str, shown: str) -> Any:
-    """Parse `text` (named `shown` in errors); one-line UserError on any problem."""
+@contextmanager
+def yaml_errors(shown: str) -> Iterator[None]:
+    """Turn any YAML problem inside the block into one UserError naming `shown`."""
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)
+        yield
     except yaml.MarkedYAMLError as exc:
         raise UserError(*describe(exc, shown)) from None
     except yaml.YAMLError as exc:
         raise UserError(shown, f"YAML error: {str(exc).splitlines()[0]}") from None
     except RecursionError:
         raise UserError(shown, "YAML nested too deeply") from None
+
+
+def load_yaml(text: str, shown: str) -> Any:
+    """Parse `text` (named `shown` in errors); one-line UserError on any problem."""
+    with yaml_errors(shown):
+        return yaml.load(text, Loader=UniqueKeyLoader)
 
 
 def describe(exc: yaml.MarkedYAMLError, shown: str) -> tuple[str, str]:

@@ -259,3 +259,11 @@ def test_delays_are_written_as_text_that_reads_back(machine_data: dict[str, Any]
         hw = validate(machine_data, "test")
         assert hw.memory.dram.latency == delay
         assert hw.model_dump(mode="json")["memory"]["dram"]["latency"] == delay.text()
+
+
+def test_zero_access_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    # found by the long fuzz run: a core port of infinite bandwidth divided by zero
+    assert main(["--hw", "gpu_a100.yaml", "--hw-set", "memory.dram.access_interval=0 cycle",
+                 "--model", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "memory.dram.access_interval" in err

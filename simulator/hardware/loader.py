@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from simulator.errors import UserError
 from simulator.hardware.schema import Hardware
-from simulator.yamlfile import UniqueKeyLoader, describe
+from simulator.yamlfile import UniqueKeyLoader, yaml_errors
 
 #: Largest hardware file we read; a machine description is a few KiB.
 MAX_FILE_BYTES = 1 << 20
@@ -65,18 +65,12 @@ def _decode(data: bytes, shown: str) -> str:
 
 def parse_yaml(text: str, shown: str) -> tuple[Any, yaml.Node | None]:
     """Safe-load `text`, returning the data and its node tree (for line numbers)."""
-    try:
+    with yaml_errors(shown):
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is not None and _count_nodes(node, MAX_NODES) > MAX_NODES:
             raise UserError(shown, f"expands to more than {MAX_NODES} YAML nodes "
                                    "(aliases nested too deep)")
         data = yaml.load(text, Loader=UniqueKeyLoader)
-    except yaml.MarkedYAMLError as exc:
-        raise UserError(*describe(exc, shown)) from None
-    except yaml.YAMLError as exc:
-        raise UserError(shown, f"YAML error: {str(exc).splitlines()[0]}") from None
-    except RecursionError:
-        raise UserError(shown, "YAML nested too deeply") from None
     return data, node
 
 

@@ -143,6 +143,15 @@ DelayField = Annotated[
 ]
 
 
+def _positive_delay(delay: Delay) -> Delay:
+    if delay.seconds <= 0 and delay.cycles <= 0:
+        raise ValueError("expected a delay greater than zero, e.g. '1 cycle'")
+    return delay
+
+
+PositiveDelayField = Annotated[DelayField, AfterValidator(_positive_delay)]
+
+
 class Strict(BaseModel):
     """Base of every section: frozen, unknown keys rejected."""
 
@@ -202,8 +211,9 @@ class Dram(Strict):
                     "DDR4 read occupies a 64-byte BL8 burst, 1/64 of the channel's bandwidth. "
                     "Reports show both: channel_utilisation (time held) and "
                     "channel_useful_utilisation (useful bytes / bandwidth × time)")
-    access_interval: DelayField = Field(
-        default=Delay(cycles=1), description="core cycles between two accesses of one core")
+    access_interval: PositiveDelayField = Field(
+        default=Delay(cycles=1), description="core cycles between two accesses of one core "
+                                             "(more than zero: an access takes time)")
     burst: Size = Field(
         examples=["64 B"],
         description="bytes of channel time one access takes, at least: the DRAM's minimum "

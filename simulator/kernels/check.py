@@ -12,8 +12,8 @@ import torch
 
 from simulator.errors import UserError
 from simulator.hardware.schema import Hardware
-from simulator.kernels.functional import Executor, Fault, OpCheck, Replay, counts
 from simulator.hardware.select import UnratedDtype, check_mapping
+from simulator.kernels.functional import Executor, Fault, OpCheck, Replay, counts
 from simulator.mapping import Mapping, map_trace
 from simulator.workload.cache import get_trace
 from simulator.workload.trace import Phase
