@@ -9,23 +9,38 @@
     simulate check --hw HW --model tiny   the simulated dataflow computes the right numbers
     simulate regress [--update]     projected throughput against reports/baseline.csv
     simulate sweep SPEC.yaml --out DIR   a design-space sweep (resumable; Dask with --scheduler)
+    simulate help [COMMAND]         the same as simulate [COMMAND] --help
+    simulate --version              the installed package version
 
+A first word that is not a flag must be a command (an unknown one gets "did you mean").
 Every bad input ends in one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import yaml
 
 from simulator.errors import UserError
 
-COMMANDS = ("schema", "trace", "list", "validate", "op", "check", "regress", "sweep")
+#: Every sub-command with the one line `simulate --help` gives it (in the order shown).
+COMMANDS = {
+    "schema": "print the JSON Schema of the hardware YAML format (for editors)",
+    "trace": "write a model's captured op trace as JSON",
+    "list": "list the shipped machines and model presets",
+    "validate": "compare the simulator with published reference results",
+    "op": "time one kernel (gemm or attention) on a machine",
+    "check": "run a small model through the hardware kernels; compare with PyTorch",
+    "regress": "compare projected throughput with the baseline table",
+    "sweep": "run a design-space sweep from a YAML spec (resumable)",
+    "help": "show this help, or a command's: simulate help COMMAND",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,7 +71,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                         help="preset (1.3b, mmfree-2.7b, llama2-7b, …) or HF config.json/YAML")
     parser.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. torch_dtype=float32")
-    parser.add_argument("--phase", default="decode", choices=("decode", "prefill"))
+    parser.add_argument("--phase", default="decode", choices=("decode", "prefill"),
+                        help="one new token per sequence (decode, default) or the whole "
+                             "prompt (prefill)")
     parser.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
     parser.add_argument("--context", type=int, default=None,
                         help="decode: tokens already in the KV cache/state (default 2048)")
@@ -64,19 +81,43 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                         help="prefill: prompt tokens (default 2048)")
 
 
+def _version() -> str:
+    """The installed package's version ("unknown" when run from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llm-hwsim")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _commands_help() -> str:
+    """The sub-command list shown at the end of `simulate --help`."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, summary in COMMANDS.items()]
+    return "\n".join(["commands (simulate COMMAND --help for each one's flags):", *lines])
+
+
 def _run_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="simulate", description="Project latency, tokens/s, watts and "
-                     "memory of a language model on a YAML-described machine.",
-                     epilog="Other commands: simulate schema | trace | list")
-    parser.add_argument("--hw", required=True, help="hardware YAML: path or shipped file name")
+    parser = _Parser(prog="simulate", usage="%(prog)s --hw HW --model MODEL [options]\n"
+                     "       %(prog)s COMMAND [flags]   (commands listed below)",
+                     description="Project latency, tokens/s, watts and memory of a language "
+                     "model\non a YAML-described machine.", epilog=_commands_help(),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--hw", required=True,
+                        help="hardware YAML: a path, or a shipped file name (simulate list)")
     parser.add_argument("--hw-set", action="append", default=[], metavar="PATH=VALUE",
                         help="override a dotted YAML path, e.g. clock=\"54 MHz\"")
     _add_model(parser)
-    parser.add_argument("--mapping", default="tensor", choices=("tensor", "batch"))
+    parser.add_argument("--mapping", default="tensor", choices=("tensor", "batch"),
+                        help="split every op across the cores (tensor, default) or give each "
+                             "core its own sequences (batch)")
     parser.add_argument("--runtime", default=None, choices=("eager", "cuda_graphs"),
                         help="GPU host runtime: a launch per kernel (eager) or one CUDA-graph "
                              "launch per step (default: the file's overheads.runtime)")
-    parser.add_argument("--format", default="table", choices=("table", "json", "csv"))
+    parser.add_argument("--format", default="table", choices=("table", "json", "csv"),
+                        help="a table (default), the JSON contract, or CSV per layer")
     parser.add_argument("--granularity", type=int, default=None,
                         help="max coalesced chunks per op and core (default 64)")
     parser.add_argument("--no-cache", action="store_true", help="recapture the trace")
@@ -150,10 +191,32 @@ def _list(argv: Sequence[str]) -> int:
     _Parser(prog="simulate list", description="Shipped machines and model presets.").parse_args(
         argv)
     from simulator.hardware import shipped
-    from workloads.config import ALIASES, PRESETS
+    from workloads.config import ALIASES, catalog, model_names, resolve_model
+
+    def count(n: int) -> str:
+        for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+            if n >= scale:
+                return f"{n / scale:.2f} {unit}"
+        return str(n)
 
     print("hardware:", " ".join(shipped()))
-    print("models:  ", " ".join([*PRESETS, *ALIASES]))
+    print("models (params: closed form from the config, embeddings included; context: "
+          "max_position_embeddings):")
+    row = "  {:<19}{:>9} {:<7}{:>7}{:>7}{:>9}{:>8}{:>8}  {:<9} {}"
+    print(row.format("name", "params", "embed", "layers", "hidden", "heads/kv", "experts",
+                     "context", "dtype", "HF id"))
+    entries = catalog()
+    for name in model_names():
+        cfg = resolve_model(name)
+        kv = "—" if cfg.model_type == "hgrn_bit" else cfg.kv_heads
+        print(row.format(name, count(cfg.param_count),
+                         "tied" if cfg.tie_word_embeddings else "untied", cfg.num_hidden_layers,
+                         cfg.hidden_size, f"{cfg.num_attention_heads}/{kv}", cfg.experts,
+                         cfg.position_limit or "—", cfg.torch_dtype,
+                         entries[name].hf_id if name in entries else "—"))
+    print("aliases: ", ", ".join(f"{alias} = {name}" for alias, name in ALIASES.items()))
+    print("Any catalog entry's HF id (any case) names it too; other models: --model "
+          "path/to/config.json")
     return 0
 
 
@@ -189,14 +252,17 @@ def _validate(argv: Sequence[str]) -> int:
 
 
 def _op(argv: Sequence[str]) -> int:
-    parser = _Parser(prog="simulate op", description="Simulate one kernel.")
+    parser = _Parser(prog="simulate op", description="Time one kernel on a machine: a table "
+                     "of latency, FLOPs, TFLOP/s, DRAM bytes and arithmetic intensity.")
     kernels = parser.add_subparsers(dest="kernel", required=True, parser_class=_Parser)
-    gemm = kernels.add_parser("gemm", help="C = A·B")
+    gemm = kernels.add_parser("gemm", help="C = A·B", description="C (M×N) = A (M×K) · B (K×N)")
     for name in ("m", "n", "k"):
         gemm.add_argument(f"--{name}", type=int, required=True)
     gemm.add_argument("--batch", type=int, default=1)
     gemm.add_argument("--dtype", default="bf16")
-    attention = kernels.add_parser("attention", help="scaled dot-product attention")
+    attention = kernels.add_parser("attention", help="scaled dot-product attention",
+                                   description="scaled dot-product attention, FlashAttention-2 "
+                                               "FLOP convention")
     attention.add_argument("--batch", type=int, required=True)
     attention.add_argument("--heads", type=int, required=True)
     attention.add_argument("--seq", type=int, required=True)
@@ -235,9 +301,9 @@ def _op(argv: Sequence[str]) -> int:
     if args.format == "json":
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
-        print(f"{result.kernel} {result.shape} on {result.hardware}: "
-              f"{result.latency_s * 1e6:.4g} us, {result.tflops:.4g} TFLOP/s, "
-              f"{result.bytes_moved / 1e6:.4g} MB from DRAM")
+        from simulator.table import render_kernel
+
+        render_kernel(result, dtype=args.dtype)
     return 0
 
 
@@ -332,15 +398,54 @@ def _sweep(argv: Sequence[str]) -> int:
     return 0
 
 
+def _help(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="simulate help", description=COMMANDS["help"])
+    parser.add_argument("command", nargs="*", help="a command (and, for op, a kernel)")
+    args = parser.parse_args(argv)
+    if not args.command:
+        _run_parser().print_help()
+        return 0
+    name, *rest = args.command
+    if name == "help":
+        parser.print_help()
+        return 0
+    return _handler(name)([*rest, "--help"])
+
+
+_HANDLERS: dict[str, Callable[[Sequence[str]], int]] = {
+    "schema": _schema, "trace": _trace, "list": _list, "validate": _validate, "op": _op,
+    "check": _check, "regress": _regress, "sweep": _sweep, "help": _help}
+_MAIN_RUN = "simulate --hw HW --model MODEL"
+
+
+def _handler(word: str) -> Callable[[Sequence[str]], int]:
+    """The sub-command `word` names, or a UserError that suggests the nearest one."""
+    if word in _HANDLERS:
+        return _HANDLERS[word]
+    near = difflib.get_close_matches(word, list(_HANDLERS), n=1)
+    hint = f"did you mean {near[0]}? " if near else ""
+    raise UserError(word or "''", f"unknown command; {hint}expected one of "
+                                  f"{', '.join(_HANDLERS)}, or the main run: {_MAIN_RUN}")
+
+
+def _dispatch(argv: list[str]) -> tuple[Callable[[Sequence[str]], int], list[str]]:
+    """(handler, its arguments): a first word that is not a flag must name a command."""
+    if not argv:
+        raise UserError("simulate", f"expected {_MAIN_RUN} [options], or a command "
+                                    "(simulate --help lists them)")
+    if argv[0].startswith("-"):
+        return _run, argv
+    return _handler(argv[0]), argv[1:]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `simulate` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in COMMANDS else None
-    handler = {"schema": _schema, "trace": _trace, "list": _list,
-               "validate": _validate, "op": _op, "check": _check,
-               "regress": _regress, "sweep": _sweep}.get(command or "", _run)
     try:
-        return handler(argv[1:] if command else argv)
+        handler, args = _dispatch(argv)
+        return handler(args)
+    except SystemExit as exc:  # --help and --version: argparse exits after printing
+        return exc.code if isinstance(exc.code, int) else 0
     except UserError as exc:
         message = " ".join(str(exc).split())  # one line, whatever a library put in it
         print(f"simulate: error: {message}", file=sys.stderr)

@@ -15,6 +15,16 @@ import pandas as pd
 from simulator.hardware.schema import Hardware
 from simulator.report import Result
 
+#: One colour per op kind, the same in every roofline (roof lines are drawn in black).
+KIND_COLOURS = {
+    "matmul": "tab:blue", "ternary_matmul": "tab:cyan", "attention": "tab:red",
+    "norm": "tab:green", "recurrence": "tab:purple", "softmax": "tab:orange",
+    "reduction": "tab:brown", "activation": "tab:pink", "elementwise": "tab:olive",
+    "embedding": "gold", "memory": "tab:gray"}
+#: Marker of the 1st, 2nd, … result drawn on the same Axes (machines told apart).
+MARKERS = ("o", "^", "s", "D", "v", "P")
+ROOF_STYLES = ("-", "--", ":", "-.")
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -51,28 +61,46 @@ def layer_breakdown(result: Result, ax: Any) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
-def roofline(result: Result, hw: Hardware, ax: Any, label: str | None = None) -> None:
-    """Every op at (operations per DRAM byte, operations per second), under the roofs."""
+def _kind_order(kind: str) -> tuple[int, str]:
+    order = list(KIND_COLOURS)
+    return (order.index(kind) if kind in order else len(order), kind)
+
+
+def _scatter_kinds(result: Result, ax: Any, label: str | None) -> None:
+    """The ops as points coloured by kind; a second result on the same Axes gets the next
+    marker, and `label` (if given) follows each kind in the legend."""
     ops = result.ops_frame()
     ops = ops[(ops.latency_s > 0) & (ops.dram_bytes > 0)]
-    intensity = ops.ops / ops.dram_bytes
-    achieved = ops.ops / ops.latency_s
-    ax.scatter(intensity, achieved, s=8, alpha=0.6, label=label or hw.name)
+    drawn = {c.get_gid() for c in ax.collections if str(c.get_gid()).startswith("roofline:")}
+    marker = MARKERS[len(drawn) % len(MARKERS)]
+    gid = f"roofline:{len(drawn)}"
+    for kind in sorted(set(ops.kind), key=_kind_order):
+        points = ops[ops.kind == kind]
+        ax.scatter(points.ops / points.dram_bytes, points.ops / points.latency_s, s=10,
+                   alpha=0.7, marker=marker, color=KIND_COLOURS.get(kind, "black"),
+                   label=f"{kind}, {label}" if label else kind, gid=gid)
+
+
+def roofline(result: Result, hw: Hardware, ax: Any, label: str | None = None) -> None:
+    """Every op at (operations per DRAM byte, operations per second), coloured by op kind,
+    under the roofs (black lines: memory roof × peak of each unit)."""
+    _scatter_kinds(result, ax, label)
     dram = hw.memory.dram
     ports = hw.cores.count * dram.access_width / 8 / dram.access_interval.ns(hw.core_clock) * 1e9
     # the memory roof: the DRAM channels, or every core's port where those are narrower
     bandwidth = min(dram.bandwidth_per_channel * dram.channels * dram.efficiency, ports)
-    for name, unit in hw.cores.units.items():
+    for index, (name, unit) in enumerate(hw.cores.units.items()):
         dtype = next((d for d in ("bf16", "ternary", "fp32") if d in unit.ops_per_cycle),
                      max(unit.ops_per_cycle, key=unit.ops_per_cycle.__getitem__))
         peak = unit.ops_per_cycle[dtype] * hw.cores.count * hw.core_clock
         knee = peak / bandwidth
         ax.plot([knee / 1e3, knee, knee * 1e3], [bandwidth * knee / 1e3, peak, peak], lw=0.8,
-                label=f"{name} ({dtype})")
+                color="black", ls=ROOF_STYLES[index % len(ROOF_STYLES)],
+                label=f"roof: {name} ({dtype})" + (f", {label}" if label else ""))
     ax.set(xscale="log", yscale="log", xlabel="operations per DRAM byte",
-           ylabel="operations per second",
-           title="roofline (lines: memory roof × peak of each unit)")
-    ax.legend(fontsize=7)
+           ylabel="operations per second", title=f"roofline of {result.model} on {hw.name}"
+           if label is None else "roofline (black lines: memory roof × peak of each unit)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def pareto_front(frame: pd.DataFrame, ax: Any, group: str = "hardware") -> None:

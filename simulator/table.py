@@ -1,6 +1,8 @@
-"""The human-readable rendering of a Result (rich)."""
+"""The human-readable rendering of a Result and of one kernel (rich)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
@@ -8,10 +10,13 @@ from rich.table import Table
 
 from simulator.report import Result
 
+if TYPE_CHECKING:
+    from simulator.oprun import KernelResult
+
 
 def _si(value: float, unit: str) -> str:
-    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""), (1e-3, "m"),
-                           (1e-6, "µ"), (1e-9, "n")):
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"),
+                           (1, ""), (1e-3, "m"), (1e-6, "µ"), (1e-9, "n")):
         if abs(value) >= factor:
             return f"{value / factor:.4g} {prefix}{unit}"
     return f"{value:.4g} {unit}"
@@ -34,10 +39,33 @@ def _shares(shares: dict[str, float]) -> str:
     return "  ".join(f"{track} {share:.1%}" for track, share in shares.items())
 
 
+def _rate(tokens_per_s: float) -> str:
+    return (f"{tokens_per_s:,.0f}" if tokens_per_s >= 1e4 else f"{tokens_per_s:.4g}") + " tokens/s"
+
+
+def _timing(result: Result) -> list[tuple[str, str]]:
+    """Latency and throughput rows, each naming what it covers: at batch B a decode step
+    makes B tokens (one per sequence) and a prefill runs all B prompts."""
+    batch, latency = result.batch, _si(result.latency_s, "s")
+    if result.phase == "decode":
+        rows = [("latency per token (decode step)" if batch == 1
+                 else f"step latency ({batch} tokens)", latency)]
+        unit = "sequence"
+    else:
+        prompts = f"{result.prompt}" if batch == 1 else f"{batch} × {result.prompt}"
+        per_token = "" if batch == 1 else f" (÷ {result.tokens})"
+        rows = [(f"prefill latency ({prompts} tokens)", latency),
+                (f"time per prompt token{per_token}", _si(result.latency_s / result.tokens, "s"))]
+        unit = "prompt"
+    if batch == 1:
+        return [*rows, ("throughput", _rate(result.tokens_per_s))]
+    return [*rows, (f"throughput, {batch} {unit}s", _rate(result.tokens_per_s)),
+            (f"throughput per {unit}", _rate(result.tokens_per_s / batch))]
+
+
 def render(result: Result, console: Console | None = None) -> None:
     """Print the summary, memory footprint and per-layer breakdown."""
     console = console or Console()
-    step = ("one decode step" if result.phase == "decode" else f"prefill of {result.prompt}")
     shape = (f"batch {result.batch}, context {result.context}" if result.phase == "decode"
              else f"batch {result.batch}, prompt {result.prompt}")
     summary = Table(title=f"{result.model} on {result.hardware}", box=box.SIMPLE_HEAD,
@@ -48,10 +76,7 @@ def render(result: Result, console: Console | None = None) -> None:
         ("phase", f"{result.phase} ({shape})"),
         ("mapping", f"{result.mapping} split over the cores"),
         ("runtime", _runtime(result.runtime)),
-        (f"latency ({step})", _si(result.latency_s, "s")),
-        ("latency per token" if result.phase == "decode" else "time per prompt token",
-         _si(result.latency_s / (1 if result.phase == "decode" else result.prompt), "s")),
-        ("throughput", f"{result.tokens_per_s:.4g} tokens/s"),
+        *_timing(result),
         ("average power", _si(result.power_w, "W")),
         ("energy per token", _si(result.energy_per_token_j, "J")),
         ("memory footprint", _bytes(result.memory_bytes)),
@@ -77,3 +102,56 @@ def render(result: Result, console: Console | None = None) -> None:
     console.print(layers)
     for note in result.notes:
         console.print(f"note: {note}")
+
+
+_MODES = {"fwd": "forward", "bwd": "backward", "fwd_bwd": "forward + backward"}
+
+
+def _kernel_shape(shape: dict[str, int | str]) -> str:
+    """A GEMM as M × N × K, attention as B(atch) × H(eads) × S(equence) × D (head size)."""
+    if {"m", "n", "k"} <= shape.keys():
+        text = f"M {shape['m']} × N {shape['n']} × K {shape['k']}"
+        return text + (f", batch {shape['batch']}" if shape.get("batch", 1) != 1 else "")
+    if {"heads", "q_len", "head_dim"} <= shape.keys():
+        seq = (f"S {shape['q_len']}" if shape["q_len"] == shape.get("kv_len", shape["q_len"])
+               else f"Sq {shape['q_len']} × Skv {shape['kv_len']}")
+        return (f"B {shape.get('batch', 1)} × H {shape['heads']} × {seq} × D {shape['head_dim']}"
+                f", {'causal' if shape.get('causal') else 'not causal'}")
+    return ", ".join(f"{key} {value}" for key, value in shape.items())
+
+
+def _kernel_name(result: KernelResult) -> tuple[str, str]:
+    """(what ran, how its FLOPs are counted)."""
+    if result.kernel == "attention":
+        mode = str(result.shape.get("mode", "fwd"))
+        return f"attention ({_MODES.get(mode, mode)})", "FA-2 count"
+    if result.kernel == "gemm":
+        return "gemm (C = A·B)", "2·M·N·K"
+    return result.kernel, "as traced"
+
+
+def render_kernel(result: KernelResult, console: Console | None = None,
+                  dtype: str | None = None) -> None:
+    """Print one kernel's latency, work, rate, DRAM traffic and arithmetic intensity."""
+    console = console or Console()
+    table = Table(title=f"{result.kernel} on {result.hardware}", box=box.SIMPLE_HEAD,
+                  show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    intensity = (f"{result.flops / result.bytes_moved:.4g} FLOP/byte" if result.bytes_moved
+                 else "no DRAM traffic")
+    kernel, counted = _kernel_name(result)
+    rows = [
+        ("kernel", kernel),
+        ("shape", _kernel_shape(result.shape)),
+        *([("dtype", dtype)] if dtype else []),
+        ("hardware", result.hardware),
+        ("latency", _si(result.latency_s, "s")),
+        (f"FLOPs ({counted})", _si(result.flops, "FLOP")),
+        ("throughput", _si(result.tflops * 1e12, "FLOP/s")),
+        ("bytes from DRAM", _bytes(result.bytes_moved)),
+        ("arithmetic intensity", intensity),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)

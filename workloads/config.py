@@ -1,4 +1,5 @@
-"""Model configurations: HF-style fields, presets for the paper sizes, files and overrides."""
+"""Model configurations: HF-style fields, presets for the paper sizes, the catalog of shipped
+HF configs (configs/), files and overrides."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import difflib
 import json
 import math
 from collections.abc import Callable, Collection, Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from simulator.errors import UserError
+from simulator.errors import UserError, first_error
 from simulator.yamlfile import load_yaml
 
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -69,6 +71,35 @@ class ModelConfig(BaseModel):
         return DTYPES[self.torch_dtype]
 
     @property
+    def layer_param_count(self) -> int:
+        """Parameters of one block, closed form. llama: q, k, v, o, SwiGLU and two norms.
+        hgrn_bit (as the fla checkpoints count them): the ternary i, f, g, o and GLU
+        matrices, a norm per BitLinear, g_norm, two block norms and the forget-gate lower
+        bound."""
+        d, i = self.hidden_size, self.ffn_size
+        if self.model_type == "hgrn_bit":
+            return 4 * d * d + 3 * d * i + 9 * d + i
+        kv_dim = self.kv_heads * self.head_dim
+        return 2 * d * d + 2 * d * kv_dim + 3 * d * i + 2 * d
+
+    @property
+    def param_count(self) -> int:
+        """Parameters of the whole model, closed form, embeddings included: the embedding,
+        the LM head unless tied to it (hgrn_bit's is ternary, with its BitLinear norm), the
+        final norm and every block. No buffers (RoPE frequencies)."""
+        d, v = self.hidden_size, self.vocab_size
+        if self.model_type == "hgrn_bit":
+            outside = 2 * v * d + 2 * d
+        else:
+            outside = (1 if self.tie_word_embeddings else 2) * v * d + d
+        return outside + self.num_hidden_layers * self.layer_param_count
+
+    @property
+    def experts(self) -> int:
+        """Experts per MoE layer: 1, every modelled model is dense (MoE fields are refused)."""
+        return 1
+
+    @property
     def position_limit(self) -> int | None:
         """Most positions a sequence may reach: none for the recurrent hgrn_bit (no RoPE,
         no position table), max_position_embeddings for llama."""
@@ -92,6 +123,77 @@ class ModelConfig(BaseModel):
         return json.dumps(self.model_dump(), sort_keys=True)
 
 
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(str(path), f"cannot be read as a UTF-8 model config ({exc})") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}", f"is not valid JSON: {exc.msg}") from None
+        except ValueError as exc:
+            raise UserError(str(path), str(exc)) from None
+    else:
+        data = load_yaml(text, str(path))
+    if not isinstance(data, dict):
+        raise UserError(str(path), "expected a mapping of HF config fields")
+    return data
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"key '{key}' appears twice; expected each key once")
+        data[key] = value
+    return data
+
+
+#: The model catalog: public HF config.json files, transcribed (README "Model catalog").
+CATALOG_DIR = Path(__file__).resolve().parent / "configs"
+CATALOG_INDEX = CATALOG_DIR / "catalog.yaml"
+
+
+class CatalogEntry(BaseModel):
+    """One shipped config, `configs/NAME.json`, and its entry in `configs/catalog.yaml`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
+    #: The HF repository id (owner/name) whose config.json the file transcribes.
+    hf_id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    source: str = Field(pattern=r"^https://huggingface\.co/")
+    #: Fields the preset sets over the file (typed values, as --model-set would).
+    model_set: dict[str, Any] = Field(default_factory=dict)
+    notes: str = ""
+
+    @property
+    def path(self) -> Path:
+        return CATALOG_DIR / f"{self.name}.json"
+
+    def data(self) -> dict[str, Any]:
+        """The transcribed config with the preset's model_set over it."""
+        return _read_file(self.path) | self.model_set
+
+
+@cache
+def catalog() -> dict[str, CatalogEntry]:
+    """The catalog's entries by preset name, in the index's order."""
+    entries: dict[str, CatalogEntry] = {}
+    for name, fields in _read_file(CATALOG_INDEX).items():
+        where = f"{CATALOG_INDEX}: {name}"
+        if not isinstance(fields, dict):
+            raise UserError(where, "expected a mapping with hf_id, source, model_set, notes")
+        try:
+            entries[name] = CatalogEntry.model_validate({**fields, "name": name})
+        except ValidationError as exc:
+            field, message = first_error(exc.errors())
+            raise UserError(f"{where}.{field}", message) from None
+    return entries
+
+
 def _mmfree(hidden: int, layers: int, inter: int | None = None) -> dict[str, Any]:
     return {"model_type": "hgrn_bit", "hidden_size": hidden, "num_hidden_layers": layers,
             "intermediate_size": inter, "num_attention_heads": 1, "vocab_size": 32000}
@@ -109,7 +211,8 @@ def _llama(hidden: int, layers: int, heads: int, inter: int | None = None) -> di
 # default of 16 up to 1.3B and a head dim of 128 beyond (assumption: not in the paper).
 # Positions: Llama-2's 4096 (its HF configs) for llama2-* and, as Llama-2 models, for
 # transformerpp-* (assumption: the paper trains at 2048 but states no limit); the recurrent
-# mmfree-* have no positional limit (None).
+# mmfree-* have no positional limit (None). llama2-7b/13b are read from the catalog; the
+# catalog's other models (`catalog()`) are presets too, by name or HF id (`model_names()`).
 PRESETS: dict[str, dict[str, Any]] = {
     "mmfree-370m": _mmfree(1024, 24),
     "mmfree-1.3b": _mmfree(2048, 24, 5632),
@@ -119,9 +222,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "transformerpp-1.3b": _llama(2048, 24, 16),
     "transformerpp-2.7b": _llama(2560, 32, 20),
     "transformerpp-13b": _llama(5120, 40, 40),
-    # Llama-2 (Touvron et al. 2023, HF meta-llama/Llama-2-*-hf config.json)
-    "llama2-7b": _llama(4096, 32, 32, 11008),
-    "llama2-13b": _llama(5120, 40, 40, 13824),
+    # Llama-2 (Touvron et al. 2023): configs/llama2-*.json, HF meta-llama/Llama-2-*-hf
+    "llama2-7b": catalog()["llama2-7b"].data(),
+    "llama2-13b": catalog()["llama2-13b"].data(),
     # A tiny model for functional checks and fast tests.
     "tiny": _mmfree(64, 2, 192) | {"vocab_size": 256},
     "tiny-llama": _llama(64, 2, 4, 192) | {"vocab_size": 256, "num_key_value_heads": 2,
@@ -149,6 +252,8 @@ IGNORED_FIELDS: dict[str, str] = {
     "attn_mode": "which GPU kernel runs the same HGRN recurrence; the mapping decides that",
     "conv_size": "sizes the short convolution, which use_short_conv: true would add (refused)",
     "share_conv_kernel": "shapes the short convolution, as conv_size",
+    "max_sequence_length": "a LLaMA-1 conversion field transformers never reads; "
+                           "max_position_embeddings is the limit",
 }
 #: A check of a field the builders do not read: None if the value is what they compute.
 Rule = Callable[[Any, Mapping[str, Any]], str | None]
@@ -235,34 +340,6 @@ RULES: dict[str, Rule] = {
 ALIAS_FIELDS = {"num_heads": "num_attention_heads", "dtype": "torch_dtype"}
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(str(path), f"cannot be read as a UTF-8 model config ({exc})") from None
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text, object_pairs_hook=_unique_keys)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}", f"is not valid JSON: {exc.msg}") from None
-        except ValueError as exc:
-            raise UserError(str(path), str(exc)) from None
-    else:
-        data = load_yaml(text, str(path))
-    if not isinstance(data, dict):
-        raise UserError(str(path), "expected a mapping of HF config fields")
-    return data
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in data:
-            raise ValueError(f"key '{key}' appears twice; expected each key once")
-        data[key] = value
-    return data
-
-
 def _coerce(key: str, text: str) -> Any:
     return load_yaml(text, f"--model-set {key}") if text.strip() else None
 
@@ -319,19 +396,58 @@ def _aliased(data: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any
     return data
 
 
-def resolve_model(model: str, overrides: Mapping[str, str] | None = None) -> ModelConfig:
-    """A preset name, bare size or path to an HF config.json/YAML, with KEY=VALUE overrides."""
+def model_names() -> list[str]:
+    """Every model name --model takes (besides aliases, HF ids and paths): the paper presets,
+    the catalog in its index's order, then the tiny test models."""
+    own = [name for name in PRESETS if name not in catalog()]
+    tiny = [name for name in own if name.startswith("tiny")]
+    return [*(name for name in own if name not in tiny), *catalog(), *tiny]
+
+
+def _near(word: str, choices: list[str]) -> str:
+    """"; did you mean …?" with the nearest of `choices` (compared in lower case), or ""."""
+    spelt = {choice.lower(): choice for choice in choices}
+    near = difflib.get_close_matches(word.lower(), list(spelt), n=3)
+    return f"; did you mean {' or '.join(spelt[n] for n in near)}?" if near else ""
+
+
+def _lookup(model: str) -> tuple[dict[str, Any], str]:
+    """The raw config `model` names and the name results show: a preset or catalog name,
+    an alias, a config file, a folder holding config.json, or a catalog entry's HF id."""
     name = ALIASES.get(model.lower(), model.lower())
     path = Path(model)
     if name in PRESETS:
-        data, shown = dict(PRESETS[name]), name
-    elif path.suffix in {".json", ".yaml", ".yml"} or path.exists():
+        return dict(PRESETS[name]), name
+    if name in catalog():
+        return catalog()[name].data(), name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(model, "is a folder without a config.json; expected an HF "
+                            "config.json/YAML file or the folder of a checkpoint holding one")
+        return _read_file(path / "config.json"), path.name
+    if path.suffix in {".json", ".yaml", ".yml"} or path.exists():
         if not path.is_file():
             raise UserError(model, "model config file not found")
-        data, shown = _read_file(path), path.stem
-    else:
-        raise UserError("--model", f"unknown model '{model}'; expected a config path or one of: "
-                        + ", ".join([*ALIASES, *PRESETS]))
+        return _read_file(path), path.stem
+    by_id = {entry.hf_id.lower(): entry for entry in catalog().values()}
+    if model.lower() in by_id:
+        entry = by_id[model.lower()]
+        return entry.data(), entry.name
+    if "/" in model:
+        raise UserError("--model", f"'{model}' is neither a file nor an HF id in the model "
+                        "catalog, and nothing is downloaded; expected the path to its "
+                        f"config.json (from https://huggingface.co/{model}) or a catalog id "
+                        "(simulate list)" + _near(model, [e.hf_id for e in catalog().values()]))
+    near = _near(name, [*model_names(), *ALIASES])
+    raise UserError("--model", f"unknown model '{model}'" + (near or (
+        "; expected a config path, an HF id of the catalog or one of: "
+        + ", ".join([*model_names(), *ALIASES]))))
+
+
+def resolve_model(model: str, overrides: Mapping[str, str] | None = None) -> ModelConfig:
+    """A preset or catalog name, bare size, a catalog entry's HF id (any case), or the path to
+    an HF config.json/YAML (or a folder holding config.json), with KEY=VALUE overrides."""
+    data, shown = _lookup(model)
     overrides = overrides or {}
     for key, text in overrides.items():
         data[key] = _coerce(key, text)

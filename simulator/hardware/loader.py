@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import types
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from simulator.errors import UserError
 from simulator.hardware.schema import Hardware
@@ -41,8 +43,18 @@ def locate(name: str | Path) -> tuple[str, str]:
                 return candidate, _decode(entry.read_bytes(), candidate)
     if path.exists():
         raise UserError(str(name), "is not a regular file; expected a hardware YAML file")
+    near = _nearest_shipped(str(name)) if path.name == str(name) else None
+    hint = f"did you mean {near}? " if near else ""
     raise UserError(
-        "--hw", f"no hardware file '{name}'; expected a path or one of: {', '.join(shipped())}")
+        "--hw", f"no hardware file '{name}'; {hint}expected a path or one of: "
+                f"{', '.join(shipped())}")
+
+
+def _nearest_shipped(name: str) -> str | None:
+    """The shipped file whose name is closest to `name` (with or without .yaml), if any."""
+    files = {file.removesuffix(".yaml"): file for file in shipped()}
+    near = difflib.get_close_matches(name.removesuffix(".yaml"), list(files), n=1)
+    return files[near[0]] if near else None
 
 
 def _read(path: Path, shown: str) -> str:
@@ -123,10 +135,59 @@ def _line_of(node: yaml.Node | None, loc: Iterable[Any]) -> int | None:
     return line
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _unwrap(annotation: Any) -> list[Any]:
+    """The types an annotation allows: Annotated and unions (X | None) taken apart."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return [inner for arg in get_args(annotation) for inner in _unwrap(arg)]
+    return [annotation]
+
+
+def _step(annotation: Any, part: Any) -> list[Any]:
+    """The annotations one location part further in: a model's field, a dict's value, a
+    list's or tuple's item."""
+    found: list[Any] = []
+    for kind in _unwrap(annotation):
+        origin = get_origin(kind)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            field = kind.model_fields.get(str(part))
+            found += [field.annotation] if field is not None else []
+        elif origin is dict and len(get_args(kind)) == 2:
+            found.append(get_args(kind)[1])
+        elif origin in (list, tuple) and isinstance(part, int):
+            found += [arg for arg in get_args(kind) if arg is not Ellipsis]
+    return found
+
+
+def _known_keys(loc: Iterable[Any]) -> list[str]:
+    """Field names of the section that holds the key at `loc` (its last part)."""
+    annotations: list[Any] = [Hardware]
+    for part in list(loc)[:-1]:
+        annotations = [inner for annotation in annotations for inner in _step(annotation, part)]
+    return sorted({name for annotation in annotations for kind in _unwrap(annotation)
+                   if isinstance(kind, type) and issubclass(kind, BaseModel)
+                   for name in kind.model_fields})
+
+
+def _unknown_key(loc: list[Any]) -> str:
+    """'unknown key' with the nearest field of its section (a key's first word counts too:
+    'bandwith' finds bandwidth_per_channel)."""
+    keys = _known_keys(loc)
+    names = {key.split("_")[0]: key for key in keys} | {key: key for key in keys}
+    near = difflib.get_close_matches(str(loc[-1]), list(names), n=1) if loc else []
+    if near:
+        return f"unknown key; did you mean {names[near[0]]}?"
+    if keys:
+        return f"unknown key; expected one of {', '.join(keys)}"
+    return "unknown key (check its spelling against `simulate schema`)"
+
+
+def _describe(error: dict[str, Any], loc: list[Any]) -> str:
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":
-        return "unknown key (check its spelling against `simulate schema`)"
+        return _unknown_key(loc)
     if kind == "missing":
         return "required field is missing"
     return message.removeprefix("Value error, ")
@@ -145,7 +206,7 @@ def validate(data: Any, shown: str, node: yaml.Node | None = None) -> Hardware:
         field = ".".join(str(part) for part in loc) or "(top level)"
         line = _line_of(node, loc)
         where = f"{shown}:{line}" if line else shown
-        return _raise(f"{where}: {field}", _describe(error))
+        return _raise(f"{where}: {field}", _describe(error, loc))
 
 
 def _raise(where: str, message: str) -> Hardware:
