@@ -68,7 +68,8 @@ def _pairs(values: Sequence[str], flag: str, parse_value: bool) -> dict[str, Any
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="preset (1.3b, mmfree-2.7b, llama2-7b, …) or HF config.json/YAML")
+                        help="preset or catalog name (simulate list: 1.3b, llama3-8b, …), its "
+                             "HF id (meta-llama/Meta-Llama-3-8B), or a config.json/YAML path")
     parser.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. torch_dtype=float32")
     parser.add_argument("--phase", default="decode", choices=("decode", "prefill"),

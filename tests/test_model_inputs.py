@@ -138,7 +138,6 @@ NOT_MODELLED = [
     ("num_experts", 60, "mixture-of-experts"),
     ("num_experts_per_tok", 2, "mixture-of-experts"),
     ("moe_intermediate_size", 1408, "mixture-of-experts"),
-    ("head_dim", 32, "head size"),
     ("hidden_act", "gelu", "activation"),
     ("pretraining_tp", 2, "pretraining_tp slices"),
     ("quantization_config", {"quant_method": "gptq", "bits": 4}, "quantised"),
@@ -160,6 +159,7 @@ NOT_MODELLED_HGRN = [
     ("use_lower_bound", False, "lower bounds", "expected true"),
     ("tie_word_embeddings", True, "tied embeddings", "expected false"),
     ("hidden_act", "relu", "activation", "expected silu"),
+    ("head_dim", 32, "head size", "expected 64 or null"),  # llama honours any
 ]
 
 

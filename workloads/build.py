@@ -25,12 +25,12 @@ def make_inputs(cfg: ModelConfig, batch: int, tokens: int, position: int,
     dtype = getattr(torch, cfg.torch_dtype)
     ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
     state = State(position=position)
-    layers = range(cfg.num_hidden_layers)
     if cfg.model_type == "hgrn_bit":
         state.recurrent = [torch.zeros(batch, cfg.hidden_size, dtype=torch.float32, device=device)
-                           for _ in layers]
-    else:
-        shape = (batch, cfg.kv_heads, position + tokens, cfg.head_dim)
-        state.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        state.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+                           for _ in range(cfg.depth)]
+    else:  # one KV cache per kept block, as wide as its KV heads
+        shapes = [(batch, cfg.layer(i).kv_heads, position + tokens, cfg.head_dim)
+                  for i in cfg.layer_ids]
+        state.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        state.values = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
     return ids, state

@@ -9,9 +9,18 @@ import math
 from collections.abc import Callable, Collection, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from simulator.errors import UserError, first_error
 from simulator.yamlfile import load_yaml
@@ -24,6 +33,53 @@ def glu_size(hidden: int) -> int:
     return 256 * math.ceil(int(hidden * 4 * 2 / 3) / 256)
 
 
+class FieldProblem(ValueError):
+    """A config check that names its field, with a list index where one is at fault
+    (`intermediate_size[3]`); `resolve_model` shows it as the error's place."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def _per_layer(limit: int) -> PlainValidator:
+    """Validate one integer in [1, limit] or a list of them (kept as a tuple)."""
+    scalar = TypeAdapter(Annotated[int, Field(ge=1, le=limit)])
+
+    def one(value: Any, where: str) -> int:
+        try:
+            return scalar.validate_python(value)
+        except ValidationError as exc:
+            raise FieldProblem(where, exc.errors()[0]["msg"]) from None
+
+    def check(value: Any, info: ValidationInfo) -> int | tuple[int, ...]:
+        name = str(info.field_name)
+        if isinstance(value, list | tuple):
+            return tuple(one(item, f"{name}[{i}]") for i, item in enumerate(value))
+        return one(value, name)
+
+    return PlainValidator(check)
+
+
+#: A width that may differ per layer: one integer for every layer, or a list of
+#: num_hidden_layers of them, indexed by the original layer numbers.
+PerLayer = int | tuple[int, ...]
+#: The fields that take a per-layer list (llama only).
+PER_LAYER = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+class LayerShape(NamedTuple):
+    """One block's widths: query heads, KV heads and the MLP's intermediate size."""
+
+    heads: int
+    kv_heads: int
+    ffn_size: int
+
+
+def _at(value: PerLayer | None, index: int) -> int | None:
+    return value[index] if isinstance(value, tuple) else value
+
+
 class ModelConfig(BaseModel):
     """The fields of an HF `config.json` that decide a model's shape and cost (others are
     refused here; `resolve_model` sorts a whole HF config's fields first)."""
@@ -32,10 +88,16 @@ class ModelConfig(BaseModel):
 
     model_type: Literal["llama", "hgrn_bit"]
     hidden_size: int = Field(ge=1, le=1 << 17)
-    intermediate_size: int | None = Field(default=None, ge=1, le=1 << 19)
+    intermediate_size: Annotated[PerLayer, _per_layer(1 << 19)] | None = None
+    #: The original depth; per-layer lists have this many values.
     num_hidden_layers: int = Field(ge=1, le=1024)
-    num_attention_heads: int = Field(default=1, ge=1, le=4096)
-    num_key_value_heads: int | None = Field(default=None, ge=1, le=4096)
+    #: The blocks built (removed-block compression): original layer numbers, increasing.
+    layers_kept: tuple[Annotated[int, Field(ge=0)], ...] | None = Field(default=None,
+                                                                         min_length=1)
+    num_attention_heads: Annotated[PerLayer, _per_layer(4096)] = 1
+    num_key_value_heads: Annotated[PerLayer, _per_layer(4096)] | None = None
+    #: Left out: hidden_size / num_attention_heads (filled in when the config is validated).
+    head_dim: int | None = Field(default=None, ge=1, le=1 << 14)
     vocab_size: int = Field(ge=1, le=1 << 22)
     torch_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     rms_norm_eps: float = Field(default=1e-6, gt=0)
@@ -46,53 +108,96 @@ class ModelConfig(BaseModel):
     name: str = ""
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> ModelConfig:
+    def _check_shapes(self) -> ModelConfig:
+        if self.model_type == "hgrn_bit":
+            _uniform_only(self)
+        else:
+            _check_lists(self)
+            _check_kept(self)
+        heads = self.num_attention_heads
+        if self.head_dim is None and isinstance(heads, int) and not self.hidden_size % heads:
+            # HF's default, stored so that the key and the builders see one value (the model
+            # is frozen, and nobody has seen it yet)
+            self.__dict__["head_dim"] = self.hidden_size // heads
         if self.model_type == "llama":
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError("hidden_size must be a multiple of num_attention_heads")
-            if self.num_attention_heads % self.kv_heads:
-                raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+            _check_heads(self)
         return self
 
     @property
+    def layer_ids(self) -> tuple[int, ...]:
+        """The blocks built, by their original layer numbers: layers_kept, else all."""
+        return self.layers_kept or tuple(range(self.num_hidden_layers))
+
+    @property
+    def depth(self) -> int:
+        """How many blocks are built."""
+        return len(self.layer_ids)
+
+    def layer(self, index: int) -> LayerShape:
+        """The widths of original layer `index` (what per-layer lists are indexed by)."""
+        heads = _at(self.num_attention_heads, index) or 1
+        kv = _at(self.num_key_value_heads, index) or heads
+        return LayerShape(heads, kv, _at(self.intermediate_size, index)
+                          or glu_size(self.hidden_size))
+
+    def _uniform(self, what: str) -> int:
+        values = {getattr(self.layer(i), what) for i in self.layer_ids}
+        if len(values) > 1:
+            raise ValueError(f"{what} differs between layers; read layer(index).{what}")
+        return values.pop()
+
+    @property
     def kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
+        """KV heads of every layer (ValueError if they differ: see `layer`)."""
+        return self._uniform("kv_heads")
 
     @property
     def ffn_size(self) -> int:
-        return self.intermediate_size or glu_size(self.hidden_size)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        """The MLP's intermediate size in every layer (ValueError if it differs)."""
+        return self._uniform("ffn_size")
 
     @property
     def dtype_bytes(self) -> int:
         return DTYPES[self.torch_dtype]
 
-    @property
-    def layer_param_count(self) -> int:
-        """Parameters of one block, closed form. llama: q, k, v, o, SwiGLU and two norms.
-        hgrn_bit (as the fla checkpoints count them): the ternary i, f, g, o and GLU
-        matrices, a norm per BitLinear, g_norm, two block norms and the forget-gate lower
-        bound."""
-        d, i = self.hidden_size, self.ffn_size
+    def layer_params(self, index: int) -> int:
+        """Parameters of original block `index`, closed form. llama: q, k, v, o (heads ×
+        head_dim wide), SwiGLU and two norms. hgrn_bit (as the fla checkpoints count them):
+        the ternary i, f, g, o and GLU matrices, a norm per BitLinear, g_norm, two block norms
+        and the forget-gate lower bound."""
+        d, shape = self.hidden_size, self.layer(index)
+        i = shape.ffn_size
         if self.model_type == "hgrn_bit":
             return 4 * d * d + 3 * d * i + 9 * d + i
-        kv_dim = self.kv_heads * self.head_dim
-        return 2 * d * d + 2 * d * kv_dim + 3 * d * i + 2 * d
+        q_dim, kv_dim = shape.heads * self.head_dim, shape.kv_heads * self.head_dim
+        return 2 * d * q_dim + 2 * d * kv_dim + 3 * d * i + 2 * d
+
+    @property
+    def layer_param_counts(self) -> tuple[int, ...]:
+        """Parameters of each block built, in order."""
+        return tuple(self.layer_params(i) for i in self.layer_ids)
+
+    @property
+    def layer_param_count(self) -> int:
+        """Parameters of one block, every block's (ValueError if they differ: see
+        `layer_param_counts`)."""
+        counts = set(self.layer_param_counts)
+        if len(counts) > 1:
+            raise ValueError("blocks differ in size; read layer_param_counts")
+        return counts.pop()
 
     @property
     def param_count(self) -> int:
         """Parameters of the whole model, closed form, embeddings included: the embedding,
         the LM head unless tied to it (hgrn_bit's is ternary, with its BitLinear norm), the
-        final norm and every block. No buffers (RoPE frequencies)."""
+        final norm and every block built, each at its own widths. No buffers (RoPE
+        frequencies)."""
         d, v = self.hidden_size, self.vocab_size
         if self.model_type == "hgrn_bit":
             outside = 2 * v * d + 2 * d
         else:
             outside = (1 if self.tie_word_embeddings else 2) * v * d + d
-        return outside + self.num_hidden_layers * self.layer_param_count
+        return outside + sum(self.layer_param_counts)
 
     @property
     def experts(self) -> int:
@@ -121,6 +226,65 @@ class ModelConfig(BaseModel):
     def key(self) -> str:
         """A stable text key of every field (for caches)."""
         return json.dumps(self.model_dump(), sort_keys=True)
+
+
+def _uniform_only(cfg: ModelConfig) -> None:
+    """hgrn_bit has one width for every block and no removed blocks."""
+    for name in PER_LAYER:
+        if isinstance(getattr(cfg, name), tuple):
+            raise FieldProblem(name, "per-layer lists are modelled for llama only; expected "
+                               "one integer for hgrn_bit")
+    if cfg.layers_kept is not None:
+        raise FieldProblem("layers_kept", "removed blocks are modelled for llama only; expected "
+                           "it left out (num_hidden_layers=N keeps the first N blocks)")
+
+
+def _check_lists(cfg: ModelConfig) -> None:
+    """Each per-layer list has one value per layer of the original depth."""
+    n = cfg.num_hidden_layers
+    for name in PER_LAYER:
+        value = getattr(cfg, name)
+        if isinstance(value, tuple) and len(value) != n:
+            raise FieldProblem(name, f"has {len(value)} values; expected num_hidden_layers = "
+                               f"{n}, one per original layer (removed ones included)")
+
+
+def _check_kept(cfg: ModelConfig) -> None:
+    """layers_kept: original layer numbers, strictly increasing, below the original depth."""
+    for pos, index in enumerate(cfg.layers_kept or ()):
+        if index >= cfg.num_hidden_layers:
+            raise FieldProblem(f"layers_kept[{pos}]", f"is {index}; expected a layer number "
+                               f"below num_hidden_layers = {cfg.num_hidden_layers}")
+        if pos and index <= cfg.layers_kept[pos - 1]:
+            raise FieldProblem(f"layers_kept[{pos}]", f"is {index} after "
+                               f"{cfg.layers_kept[pos - 1]}; expected strictly increasing "
+                               "layer numbers")
+
+
+def _check_heads(cfg: ModelConfig) -> None:
+    """llama: a head size to build with (even, for RoPE), and in every layer a head count
+    that is a multiple of its KV heads."""
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if cfg.head_dim is None and isinstance(heads, tuple):
+        raise FieldProblem("num_attention_heads", "a per-layer list needs the head size; "
+                           "expected head_dim set too (the dense model's hidden_size / "
+                           "num_attention_heads, e.g. 128)")
+    if cfg.head_dim is None:
+        raise FieldProblem("num_attention_heads", "hidden_size must be a multiple of "
+                           "num_attention_heads; expected a divisor of hidden_size, or head_dim")
+    if cfg.head_dim % 2:
+        raise FieldProblem("head_dim", f"{cfg.head_dim} (hidden_size / num_attention_heads "
+                           "unless given) is odd; expected an even head size (RoPE rotates "
+                           "channel pairs)")
+    for i in range(cfg.num_hidden_layers):
+        shape = cfg.layer(i)
+        if shape.heads % shape.kv_heads:
+            name = ("num_attention_heads" if isinstance(heads, tuple) or not isinstance(kv, tuple)
+                    else "num_key_value_heads")
+            where = f"{name}[{i}]" if isinstance(getattr(cfg, name), tuple) else name
+            raise FieldProblem(where, f"{shape.heads} query heads over {shape.kv_heads} KV "
+                               "heads; expected num_attention_heads a multiple of "
+                               "num_key_value_heads")
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -277,9 +441,11 @@ def _only(*allowed: Any, what: str) -> Rule:
 
 
 def _head_dim(value: Any, data: Mapping[str, Any]) -> str | None:
+    """hgrn_bit has no attention heads to size; llama models (and validates) any head_dim."""
     hidden = data.get("hidden_size")
     heads = data.get("num_attention_heads") or data.get("num_heads") or 1
-    if value is None or not isinstance(hidden, int) or not isinstance(heads, int) or heads < 1:
+    if data.get("model_type") == "llama" or value is None or not isinstance(hidden, int) or (
+            not isinstance(heads, int) or heads < 1):
         return None  # the hidden size and heads are validated later
     if value == hidden / heads:
         return None
@@ -456,7 +622,16 @@ def resolve_model(model: str, overrides: Mapping[str, str] | None = None) -> Mod
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(p) for p in error["loc"]) or "config"
-        where = f"--model-set {field}" if field in overrides else f"{model}: {field}"
-        raise UserError(where, error["msg"].removeprefix("Value error, ")) from None
+        field, message = _problem(exc.errors()[0])
+        base = field.split("[")[0].split(".")[0]
+        where = f"--model-set {field}" if base in overrides else f"{model}: {field}"
+        raise UserError(where, message) from None
+
+
+def _problem(error: Mapping[str, Any]) -> tuple[str, str]:
+    """(field, with any list index as [i], and message) of a pydantic error."""
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, FieldProblem):
+        return cause.field, cause.message
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    return field.lstrip(".") or "config", str(error["msg"]).removeprefix("Value error, ")

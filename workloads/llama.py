@@ -1,6 +1,13 @@
-"""Transformer++ (Llama-2 architecture): RMSNorm, RoPE, grouped KV heads, SwiGLU."""
+"""Transformer++ (Llama-2 architecture): RMSNorm, RoPE, grouped KV heads, SwiGLU.
+
+Each block takes its own widths from the config (`ModelConfig.layer`: per-layer heads, KV
+heads and intermediate size, as structured compression leaves them) and only the kept blocks
+are built, each named by its original layer number (layers.0, layers.2, …).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +26,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+    """Original layer `layer`'s attention; `slot` is its KV cache in the step's State."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, slot: int, dtype: torch.dtype) -> None:
         super().__init__()
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.layer_idx, self.heads, self.kv_heads, self.head_dim = (
-            layer_idx, cfg.num_attention_heads, cfg.kv_heads, hd)
+        d, hd, shape = cfg.hidden_size, int(cfg.head_dim or 0), cfg.layer(layer)
+        self.slot, self.heads, self.kv_heads, self.head_dim = (
+            slot, shape.heads, shape.kv_heads, hd)
         self.q_proj = nn.Linear(d, self.heads * hd, bias=False, dtype=dtype)
         self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=False, dtype=dtype)
         self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=False, dtype=dtype)
@@ -41,7 +50,7 @@ class Attention(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys, values = state.keys[self.layer_idx], state.values[self.layer_idx]
+        keys, values = state.keys[self.slot], state.values[self.slot]
         end = state.position + t
         keys[:, :, state.position:end].copy_(k)
         values[:, :, state.position:end].copy_(v)
@@ -50,9 +59,8 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, d: int, i: int, dtype: torch.dtype) -> None:
         super().__init__()
-        d, i = cfg.hidden_size, cfg.ffn_size
         self.gate_proj = nn.Linear(d, i, bias=False, dtype=dtype)
         self.up_proj = nn.Linear(d, i, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(i, d, bias=False, dtype=dtype)
@@ -62,16 +70,35 @@ class SwiGLU(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, slot: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(cfg, layer_idx, dtype)
+        self.attn = Attention(cfg, layer, slot, dtype)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = SwiGLU(cfg, dtype)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.layer(layer).ffn_size, dtype)
 
     def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), state)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class Blocks(nn.Module):
+    """The kept blocks in order, each named (and indexed: `blocks[2]`) by its original layer
+    number, so module paths read layers.0, layers.2, … after removed blocks."""
+
+    def __init__(self, blocks: Mapping[int, nn.Module]) -> None:
+        super().__init__()
+        for index, block in blocks.items():
+            self.add_module(str(index), block)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self.get_submodule(str(index))
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self.children())
+
+    def __len__(self) -> int:
+        return len(self._modules)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -80,8 +107,8 @@ class LlamaForCausalLM(nn.Module):
         dtype = getattr(torch, cfg.torch_dtype)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(LlamaBlock(cfg, i, dtype)
-                                    for i in range(cfg.num_hidden_layers))
+        self.layers = Blocks({layer: LlamaBlock(cfg, layer, slot, dtype)
+                              for slot, layer in enumerate(cfg.layer_ids)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         if cfg.tie_word_embeddings:

@@ -116,7 +116,7 @@ def _watch(model: torch.nn.Module, cfg: ModelConfig, replay: Replay | None = Non
            ) -> tuple[dict[str, torch.Tensor], list[Any]]:
     seen: dict[str, torch.Tensor] = {}
     quiet = replay.pause if replay else contextlib.nullcontext
-    names = ["embed", *[f"layers.{i}" for i in range(cfg.num_hidden_layers)], "norm", "lm_head"]
+    names = ["embed", *[f"layers.{i}" for i in cfg.layer_ids], "norm", "lm_head"]
     modules = dict(model.named_modules())
     handles = []
     for name in names:
