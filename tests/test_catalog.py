@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import refused
 
 from simulator.api import simulate
 from simulator.cli import main
@@ -36,17 +37,6 @@ PUBLISHED = {"llama2-7b": 6.74, "llama2-13b": 13.02, "llama2-70b": 68.98, "llama
 FITS_ONE_A100 = {"llama2-7b", "llama2-13b", "llama3-8b", "llama-13b", "llama-33b"}
 NAMES = list(catalog())
 CONTEXT = 1024  # within every catalog entry's positions (LLaMA-1: 2048)
-
-
-def _refused(capsys: pytest.CaptureFixture[str], args: list[str], *fragments: str) -> str:
-    code = main(args)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1, err
-    assert err.startswith("simulate: error: ")
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    return err
 
 
 def _reduced(name: str, layers: int, **extra: str) -> ModelConfig:
@@ -210,7 +200,7 @@ def test_65b_and_70b_do_not_fit_one_a100_but_fit_eight(
     cfg = resolve_model(name)
     weights_gib = (cfg.param_count * cfg.dtype_bytes + _rope_bytes(cfg)) / (1 << 30)
     assert weights_gib > 120
-    _refused(capsys, ["--hw", A100, "--model", name, "--context", str(CONTEXT)], "--model",
+    refused(capsys, ["--hw", A100, "--model", name, "--context", str(CONTEXT)], "--model",
              f"{name} needs", f"(weights {weights_gib:.2f},", "GiB", "memory.dram.capacity")
     result = simulate(A100, name, context=CONTEXT, hw_set={"memory.dram.capacity": "640 GB"},
                       model_set={"num_hidden_layers": "2"})
@@ -239,18 +229,18 @@ def test_an_hf_id_on_the_command_line_is_the_catalog_entry(
 
 def test_an_hf_id_not_in_the_catalog_asks_for_its_config_json(
         capsys: pytest.CaptureFixture[str]) -> None:
-    _refused(capsys, ["--hw", A100, "--model", "mistralai/Mistral-7B-v0.1"], "--model",
+    refused(capsys, ["--hw", A100, "--model", "mistralai/Mistral-7B-v0.1"], "--model",
              "mistralai/Mistral-7B-v0.1", "not", "catalog", "nothing is downloaded",
              "config.json")
-    _refused(capsys, ["--hw", A100, "--model", "meta-llama/Llama-2-7b-chat-hf"],
+    refused(capsys, ["--hw", A100, "--model", "meta-llama/Llama-2-7b-chat-hf"],
              "did you mean meta-llama/Llama-2-7b-hf")
 
 
 def test_an_unknown_name_suggests_the_nearest(capsys: pytest.CaptureFixture[str]) -> None:
-    _refused(capsys, ["--hw", A100, "--model", "llama-2-70b"], "unknown model 'llama-2-70b'",
+    refused(capsys, ["--hw", A100, "--model", "llama-2-70b"], "unknown model 'llama-2-70b'",
              "did you mean llama2-70b")
-    _refused(capsys, ["--hw", A100, "--model", "Llama3-8B-Instruct"], "did you mean llama3-8b")
-    err = _refused(capsys, ["--hw", A100, "--model", "gpt2"], "unknown model 'gpt2'",
+    refused(capsys, ["--hw", A100, "--model", "Llama3-8B-Instruct"], "did you mean llama3-8b")
+    err = refused(capsys, ["--hw", A100, "--model", "gpt2"], "unknown model 'gpt2'",
                    "expected a config path")
     assert all(name in err for name in model_names())
 
@@ -266,7 +256,7 @@ def test_a_config_path_and_a_checkpoint_folder_work(
     assert by_folder.model_dump(exclude={"name"}) == by_path.model_dump(exclude={"name"})
     assert by_path.torch_dtype == "float16"  # the file's dtype: the preset's model_set is not
     (tmp_path / "empty").mkdir()
-    _refused(capsys, ["--hw", A100, "--model", str(tmp_path / "empty")], "without a config.json")
+    refused(capsys, ["--hw", A100, "--model", str(tmp_path / "empty")], "without a config.json")
 
 
 # --- simulate list ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import refused
 
 from simulator.api import simulate
 from simulator.cli import main
@@ -47,17 +48,6 @@ def _mixed(**extra: Any) -> ModelConfig:
 def _flops(ops: Any) -> int:
     """Matmul and attention operations (2 per multiply-add), the FLOPs of a step."""
     return sum(op.ops for op in ops if op.kind in {"matmul", "attention"})
-
-
-def _refused(capsys: pytest.CaptureFixture[str], args: list[str], *fragments: str) -> str:
-    code = main(args)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1, err
-    assert err.startswith("simulate: error: ")
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    return err
 
 
 # --- the 70 % model against the dense one --------------------------------------------------
@@ -280,7 +270,7 @@ BAD_LISTS = [
 def test_every_bad_list_is_one_line(sets: dict[str, str], where: str, what: str,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     flags = [arg for key, value in sets.items() for arg in ("--model-set", f"{key}={value}")]
-    _refused(capsys, ["--hw", A100, "--model", "tiny-llama", *flags], where, what)
+    refused(capsys, ["--hw", A100, "--model", "tiny-llama", *flags], where, what)
 
 
 def test_a_bad_list_in_a_file_names_the_file_and_index(
@@ -289,7 +279,7 @@ def test_a_bad_list_in_a_file_names_the_file_and_index(
     path.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "vocab_size": 256,
                                 "num_hidden_layers": 4, "num_attention_heads": 4,
                                 "intermediate_size": [192, 192, 192, -5]}), encoding="utf-8")
-    _refused(capsys, ["--hw", A100, "--model", str(path)], f"{path}: intermediate_size[3]:")
+    refused(capsys, ["--hw", A100, "--model", str(path)], f"{path}: intermediate_size[3]:")
 
 
 @pytest.mark.parametrize(("key", "value", "what"), [
@@ -299,5 +289,5 @@ def test_a_bad_list_in_a_file_names_the_file_and_index(
 ])
 def test_hgrn_bit_takes_no_lists(key: str, value: str, what: str,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    _refused(capsys, ["--hw", "fpga_1core.yaml", "--model", "tiny", "--model-set",
+    refused(capsys, ["--hw", "fpga_1core.yaml", "--model", "tiny", "--model-set",
                       f"{key}={value}"], what)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import refused
 
 import simulator.workload.cache as cache
 from simulator.api import simulate
@@ -45,30 +46,18 @@ def _config(tmp_path: Path, base: dict[str, Any], drop: tuple[str, ...] = (), **
     return str(path)
 
 
-def _refused(capsys: pytest.CaptureFixture[str], args: list[str], *fragments: str) -> str:
-    """Run the CLI; assert exit 2 and one stderr line holding every fragment."""
-    code = main(args)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1, err
-    assert err.startswith("simulate: error: ")
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    return err
-
-
 # --- unknown fields -----------------------------------------------------------------------
 
 def test_a_misspelt_field_in_a_file_names_the_nearest_field(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _config(tmp_path, TINY_LLAMA, drop=("num_key_value_heads",), num_key_value_head=1)
-    _refused(capsys, ["--hw", HW, "--model", path], path, "num_key_value_head:",
+    refused(capsys, ["--hw", HW, "--model", path], path, "num_key_value_head:",
              "unknown field", "did you mean num_key_value_heads?")
 
 
 def test_a_misspelt_model_set_field_names_the_nearest_field(
         capsys: pytest.CaptureFixture[str]) -> None:
-    _refused(capsys, ["--hw", HW, "--model", "tiny-llama", "--model-set",
+    refused(capsys, ["--hw", HW, "--model", "tiny-llama", "--model-set",
                       "num_key_value_head=1"],
              "--model-set num_key_value_head", "did you mean num_key_value_heads?")
 
@@ -76,7 +65,7 @@ def test_a_misspelt_model_set_field_names_the_nearest_field(
 def test_an_unknown_field_with_no_near_name_lists_the_modelled_ones(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _config(tmp_path, TINY_LLAMA, xyzzy=3)
-    _refused(capsys, ["--hw", HW, "--model", path], "xyzzy", "expected one of:",
+    refused(capsys, ["--hw", HW, "--model", path], "xyzzy", "expected one of:",
              "num_key_value_heads")
 
 
@@ -145,11 +134,11 @@ NOT_MODELLED = [
 
 
 @pytest.mark.parametrize(("field", "value", "what"), NOT_MODELLED)
-def test_a_llama_field_that_is_not_modelled_is_refused(
+def test_a_llama_field_that_is_not_modelled_isrefused(
         field: str, value: Any, what: str, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     path = _config(tmp_path, TINY_LLAMA, **{field: value})
-    _refused(capsys, ["--hw", HW, "--model", path], f"{path}: {field}:", what,
+    refused(capsys, ["--hw", HW, "--model", path], f"{path}: {field}:", what,
              "is not modelled", "; expected ")
 
 
@@ -164,11 +153,11 @@ NOT_MODELLED_HGRN = [
 
 
 @pytest.mark.parametrize(("field", "value", "what", "expected"), NOT_MODELLED_HGRN)
-def test_an_hgrn_bit_field_that_is_not_modelled_is_refused(
+def test_an_hgrn_bit_field_that_is_not_modelled_isrefused(
         field: str, value: Any, what: str, expected: str, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     path = _config(tmp_path, TINY_HGRN, **{field: value})
-    _refused(capsys, ["--hw", HW, "--model", path], f"{path}: {field}:", what,
+    refused(capsys, ["--hw", HW, "--model", path], f"{path}: {field}:", what,
              "not modelled", expected)
 
 
@@ -176,13 +165,13 @@ def test_a_glu_ratio_matters_only_for_a_null_intermediate_size(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert resolve_model(_config(tmp_path, TINY_HGRN, hidden_ratio=3)).ffn_size == 192
     path = _config(tmp_path, TINY_HGRN, hidden_ratio=3, intermediate_size=None)
-    _refused(capsys, ["--hw", HW, "--model", path], "hidden_ratio", "not modelled",
+    refused(capsys, ["--hw", HW, "--model", path], "hidden_ratio", "not modelled",
              "expected 4")
 
 
-def test_a_not_modelled_field_via_model_set_is_refused(
+def test_a_not_modelled_field_via_model_set_isrefused(
         capsys: pytest.CaptureFixture[str]) -> None:
-    _refused(capsys, ["--hw", HW, "--model", "tiny-llama", "--model-set", "sliding_window=16"],
+    refused(capsys, ["--hw", HW, "--model", "tiny-llama", "--model-set", "sliding_window=16"],
              "--model-set sliding_window", "sliding-window attention is not modelled",
              "expected null")
 
@@ -198,24 +187,24 @@ MIXTRAL: dict[str, Any] = TINY_LLAMA | {
     "num_experts_per_tok": 2, "sliding_window": None, "max_position_embeddings": 32768}
 
 
-def test_a_model_type_without_a_builder_is_refused(
+def test_a_model_type_without_a_builder_isrefused(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _config(tmp_path, MIXTRAL)
-    err = _refused(capsys, ["--hw", HW, "--model", path],
+    err = refused(capsys, ["--hw", HW, "--model", path],
                    "model_type 'mixtral' is not implemented; expected llama or hgrn_bit")
     assert f"error: {path}: model_type" in err
 
 
-def test_forcing_llama_onto_a_mixtral_config_is_refused(
+def test_forcing_llama_onto_a_mixtral_config_isrefused(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _config(tmp_path, MIXTRAL)
-    _refused(capsys, ["--hw", HW, "--model", path, "--model-set", "model_type=llama"],
+    refused(capsys, ["--hw", HW, "--model", path, "--model-set", "model_type=llama"],
              path, "num_", "mixture-of-experts is not modelled")
 
 
 def test_a_model_set_model_type_without_a_builder_names_the_flag(
         capsys: pytest.CaptureFixture[str]) -> None:
-    _refused(capsys, ["--hw", HW, "--model", "tiny", "--model-set", "model_type=mamba"],
+    refused(capsys, ["--hw", HW, "--model", "tiny", "--model-set", "model_type=mamba"],
              "--model-set model_type", "'mamba' is not implemented", "expected llama or hgrn_bit")
 
 
@@ -224,14 +213,14 @@ def test_a_model_set_model_type_without_a_builder_names_the_flag(
 LIMITED = ["--model", "tiny-llama", "--model-set", "max_position_embeddings=16"]
 
 
-def test_decode_past_the_positions_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    _refused(capsys, ["--hw", HW, *LIMITED, "--context", "16"], "--context:",
+def test_decode_past_the_positions_isrefused(capsys: pytest.CaptureFixture[str]) -> None:
+    refused(capsys, ["--hw", HW, *LIMITED, "--context", "16"], "--context:",
              "max_position_embeddings 16", "expected at most 15",
              "--model-set max_position_embeddings=N")
 
 
-def test_prefill_past_the_positions_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    _refused(capsys, ["--hw", HW, *LIMITED, "--phase", "prefill", "--prompt", "17"],
+def test_prefill_past_the_positions_isrefused(capsys: pytest.CaptureFixture[str]) -> None:
+    refused(capsys, ["--hw", HW, *LIMITED, "--phase", "prefill", "--prompt", "17"],
              "--prompt:", "max_position_embeddings 16", "expected at most 16",
              "--model-set max_position_embeddings=N")
 
@@ -239,7 +228,7 @@ def test_prefill_past_the_positions_is_refused(capsys: pytest.CaptureFixture[str
 def test_a_file_limit_is_enforced_and_the_last_position_runs(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _config(tmp_path, TINY_LLAMA, max_position_embeddings=32)
-    _refused(capsys, ["--hw", HW, "--model", path, "--context", "32"], "--context:",
+    refused(capsys, ["--hw", HW, "--model", path, "--context", "32"], "--context:",
              "max_position_embeddings 32")
     assert main(["--hw", HW, "--model", path, "--context", "31", "--format", "json"]) == 0
     assert main(["--hw", HW, "--model", path, "--context", "32", "--model-set",
@@ -248,17 +237,17 @@ def test_a_file_limit_is_enforced_and_the_last_position_runs(
 
 
 def test_the_llama_2_preset_stops_at_4096(capsys: pytest.CaptureFixture[str]) -> None:
-    _refused(capsys, ["--hw", HW, "--model", "llama2-7b", "--context", "100000"],
+    refused(capsys, ["--hw", HW, "--model", "llama2-7b", "--context", "100000"],
              "--context:", "max_position_embeddings 4096", "expected at most 4095")
 
 
 def test_trace_and_check_enforce_the_positions(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "trace.json"
-    _refused(capsys, ["trace", *LIMITED, "--context", "20", "-o", str(out)], "--context:",
+    refused(capsys, ["trace", *LIMITED, "--context", "20", "-o", str(out)], "--context:",
              "max_position_embeddings 16")
     assert not out.exists()
-    _refused(capsys, ["check", "--hw", HW, *LIMITED, "--phase", "prefill", "--prompt", "20"],
+    refused(capsys, ["check", "--hw", HW, *LIMITED, "--phase", "prefill", "--prompt", "20"],
              "--prompt:", "max_position_embeddings 16")
 
 
@@ -269,21 +258,21 @@ def test_the_python_api_enforces_the_positions() -> None:
 
 # --- files --------------------------------------------------------------------------------
 
-def test_a_key_given_twice_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_a_key_given_twice_isrefused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                       ) -> None:
     path = tmp_path / "config.json"
     path.write_text('{"model_type": "llama", "hidden_size": 64, "hidden_size": 128}')
-    _refused(capsys, ["--hw", HW, "--model", str(path)], "hidden_size", "twice")
+    refused(capsys, ["--hw", HW, "--model", str(path)], "hidden_size", "twice")
     yaml_path = tmp_path / "config.yaml"
     yaml_path.write_text("model_type: llama\nhidden_size: 64\nhidden_size: 128\n")
-    _refused(capsys, ["--hw", HW, "--model", str(yaml_path)], "config.yaml:3", "twice")
+    refused(capsys, ["--hw", HW, "--model", str(yaml_path)], "config.yaml:3", "twice")
 
 
 def test_dtype_and_torch_dtype_must_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                           ) -> None:
     assert resolve_model(_config(tmp_path, TINY_LLAMA, dtype="float32")).dtype_bytes == 4
     path = _config(tmp_path, TINY_LLAMA, dtype="float32", torch_dtype="float16")
-    _refused(capsys, ["--hw", HW, "--model", path], "dtype", "expected one value for both")
+    refused(capsys, ["--hw", HW, "--model", path], "dtype", "expected one value for both")
 
 
 # --- traces keyed by content --------------------------------------------------------------
