@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from simulator.engine import Timeline, simulate_tasks
-from simulator.errors import UserError
+from simulator.errors import Infeasible, UserError
 from simulator.hardware import Hardware, load_hardware
 from simulator.hardware.schema import Runtime
 from simulator.hardware.select import UnratedDtype, check_mapping
@@ -43,7 +43,7 @@ def _check_fits(hw: Hardware, trace: Trace) -> None:
     have = hw.memory.dram.capacity
     if need > have:
         gib = 1 << 30
-        raise UserError(
+        raise Infeasible(
             "--model",
             f"{trace.model} needs {need / gib:.2f} GiB (weights {trace.weights_bytes / gib:.2f}, "
             f"state {trace.state_bytes / gib:.2f}, activations {trace.activation_bytes / gib:.2f})"

@@ -228,17 +228,12 @@ def _validate(argv: Sequence[str]) -> int:
     parser.add_argument("--case", action="append", default=[], help="only these case ids")
     parser.add_argument("--format", default="table", choices=("table", "json"))
     args = parser.parse_args(argv)
-    from simulator.validation.cases import (
-        load_cases,
-        load_empirical,
-        run_cases,
-        shipped_case_files,
-    )
+    from simulator.validation.cases import load_case_file, run_cases, shipped_case_files
     from simulator.validation.render import render_table, to_json
 
-    files = args.files or shipped_case_files()
-    cases = [case for path in files for case in load_cases(path)]
-    empirical = [term for path in files for term in load_empirical(path)]
+    read = [load_case_file(path) for path in args.files or shipped_case_files()]
+    cases = [case for found, _ in read for case in found]
+    empirical = [term for _, terms in read for term in terms]
     if args.case:
         unknown = set(args.case) - {case.id for case in cases}
         if unknown:
@@ -253,6 +248,8 @@ def _validate(argv: Sequence[str]) -> int:
 
 
 def _op(argv: Sequence[str]) -> int:
+    from simulator.oprun import MODES, gemm_op, run_attention, run_op
+
     parser = _Parser(prog="simulate op", description="Time one kernel on a machine: a table "
                      "of latency, FLOPs, TFLOP/s, DRAM bytes and arithmetic intensity.")
     kernels = parser.add_subparsers(dest="kernel", required=True, parser_class=_Parser)
@@ -269,7 +266,7 @@ def _op(argv: Sequence[str]) -> int:
     attention.add_argument("--seq", type=int, required=True)
     attention.add_argument("--head-dim", type=int, required=True)
     attention.add_argument("--causal", action="store_true")
-    attention.add_argument("--mode", default=None, choices=("fwd", "bwd", "fwd_bwd"),
+    attention.add_argument("--mode", default=None, choices=MODES,
                            help="what is timed: forward (default), backward, or both; flops "
                                 "are 1×, 2.5×, 3.5× 4·B·S²·H·D (÷2 causal), as FlashAttention-2's "
                                 "benchmark counts them")
@@ -284,7 +281,6 @@ def _op(argv: Sequence[str]) -> int:
         sub.add_argument("--format", default="table", choices=("table", "json"))
     args = parser.parse_args(argv)
     from simulator.hardware import load_hardware
-    from simulator.oprun import gemm_op, run_attention, run_op
 
     overrides = _pairs(args.hw_set, "--hw-set", True)
     if args.kernel == "attention" and args.unfused:
@@ -331,7 +327,6 @@ def _check(argv: Sequence[str]) -> int:
     _check_shape(args.phase, args.batch, args.context, args.prompt)
     hw = load_hardware(args.hw, _pairs(args.hw_set, "--hw-set", True))
     cfg = resolve_model(args.model, _pairs(args.model_set, "--model-set", False))
-    cfg.check_positions(args.phase, args.context, args.prompt)  # before the CPU model is built
     result = run_check(hw, cfg, mapping=args.mapping, batch=args.batch, phase=args.phase,
                        context=args.context, prompt=args.prompt)
     if args.format == "json":

@@ -24,6 +24,7 @@ from simulator.schedule import (
     SliceSchedule,
     StreamSchedule,
     contiguous,
+    spans,
 )
 from simulator.workload.trace import Op
 
@@ -61,20 +62,6 @@ class Chunk:
     core: int
     span: Range
     unit: int
-
-
-def _cut(span: Range, parts: int) -> list[Range]:
-    """`span` cut into `parts` near-equal consecutive ranges (larger ones first); fewer,
-    one element each, where it is shorter than `parts`."""
-    start, stop = span
-    used = max(1, min(parts, stop - start))
-    base, extra = divmod(stop - start, used)
-    out = []
-    for index in range(used):
-        end = start + base + (1 if index < extra else 0)
-        out.append((start, end))
-        start = end
-    return out
 
 
 def kernel_schedule(task: Task) -> Schedule:
@@ -116,7 +103,7 @@ def _sliced(schedule: SliceSchedule) -> list[tuple[int, int, Range]]:
     out, unit = [], 0
     for core, chunks in enumerate(schedule.chunks):
         axis = schedule.cols[core] if schedule.cols else schedule.rows[core]
-        for offset, piece in enumerate(_cut(axis, chunks)):
+        for offset, piece in enumerate(spans(*axis, chunks)):
             out.append((core, unit + offset, piece))
         unit += chunks
     return out
@@ -173,7 +160,7 @@ def attention_blocks(op: Op, task: Task) -> list[Block]:
     blocks, unit = [], 0
     for core, ((first, last), chunks) in enumerate(zip(schedule.rows, schedule.chunks,
                                                        strict=True)):
-        for offset, keys in enumerate(_cut((0, d["kv_len"]), chunks)):
+        for offset, keys in enumerate(spans(0, d["kv_len"], chunks)):
             blocks.extend(Block(core, pair // d["heads"], pair % d["heads"], (0, d["q_len"]),
                                 keys, max(1, keys[1] - keys[0]), unit + offset)
                           for pair in range(first, last))

@@ -15,6 +15,11 @@ class UserError(Exception):
         self.message = message
 
 
+class Infeasible(UserError):
+    """Well-formed input this machine cannot run (the model does not fit, a mapping it lacks):
+    a sweep records such a point as infeasible rather than as an error."""
+
+
 def first_error(errors: list[dict]) -> tuple[str, str]:
     """(dotted field, message) of the pydantic error to show: an unknown key first, since a
     misspelt key also makes its real name look missing."""

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
 
 from simulator.errors import UserError
-from simulator.hardware.schema import Hardware, Unit
+from simulator.hardware.schema import Hardware, MappingMode, Unit
 from simulator.hardware.select import rate, unit_for, vector_ns
-from simulator.schedule import Range, Schedule, SliceSchedule, StreamSchedule
+from simulator.schedule import Range, Schedule, SliceSchedule, StreamSchedule, spans
 from simulator.tiling import DTYPE_BYTES, CoreWork, flash_work, gemm_work
 from simulator.workload.trace import Op, Trace
 
-Mapping = Literal["tensor", "batch"]
+Mapping = MappingMode
 #: Default cap on coalesced chunks per part (see the engine's granularity knob).
 DEFAULT_GRANULARITY = 64
 #: Element operations per attention score on the vector unit (max, sub, sum, scale).
@@ -102,19 +101,14 @@ class _Share:
     input: float
 
 
-def _split(extent: int, cores: int) -> list[int]:
-    used = max(1, min(cores, extent))
-    base, extra = divmod(extent, used)
-    return [base + (1 if i < extra else 0) for i in range(used)]
-
-
 def _ranges(extent: int, cores: int) -> tuple[Range, ...]:
-    """The consecutive ranges `_split` sizes."""
-    out, start = [], 0
-    for size in _split(extent, cores):
-        out.append((start, start + size))
-        start += size
-    return tuple(out)
+    """`extent` cut into consecutive ranges, one per used core."""
+    return spans(0, extent, cores)
+
+
+def _split(extent: int, cores: int) -> list[int]:
+    """The sizes of `_ranges`."""
+    return [stop - start for start, stop in _ranges(extent, cores)]
 
 
 def _grid(op: Op, cores: int) -> tuple[int, int]:

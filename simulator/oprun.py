@@ -12,7 +12,7 @@ forward+backward 3.5 × forward, timed as the forward plus the backward kernels
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from simulator.engine import simulate_tasks
 from simulator.errors import UserError
@@ -24,7 +24,7 @@ from simulator.workload.trace import Op, Trace
 MAX_DIM = 1 << 24
 #: What an attention run times: the forward kernel, the backward kernels, or both.
 Mode = Literal["fwd", "bwd", "fwd_bwd"]
-MODES: tuple[Mode, ...] = ("fwd", "bwd", "fwd_bwd")
+MODES: tuple[Mode, ...] = get_args(Mode)
 #: FLOPs of each mode as multiples of the forward's (the FA-2 benchmark script's `flops`).
 MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 

@@ -12,19 +12,23 @@ from dataclasses import dataclass
 Range = tuple[int, int]
 
 
+def spans(start: int, stop: int, parts: int) -> tuple[Range, ...]:
+    """[start, stop) cut into `parts` near-equal consecutive ranges, the longer ones first;
+    fewer, one element each, where it is shorter than `parts` (one empty range if empty)."""
+    used = max(1, min(parts, stop - start))
+    base, extra = divmod(stop - start, used)
+    out = []
+    for index in range(used):
+        end = start + base + (1 if index < extra else 0)
+        out.append((start, end))
+        start = end
+    return tuple(out)
+
+
 def contiguous(total: int, cores: int) -> tuple[Range, ...]:
     """`total` units in launch order cut into one consecutive run per used core (the
     first `total mod cores` runs one longer)."""
-    used = min(cores, total)
-    if used == 0:
-        return ()
-    base, extra = divmod(total, used)
-    runs, start = [], 0
-    for core in range(used):
-        stop = start + base + (1 if core < extra else 0)
-        runs.append((start, stop))
-        start = stop
-    return tuple(runs)
+    return spans(0, total, cores) if total > 0 and cores > 0 else ()
 
 
 @dataclass(frozen=True)

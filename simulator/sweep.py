@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from simulator.errors import UserError, first_error
+from simulator.errors import Infeasible, UserError, first_error
 from simulator.files import output_folder, write_atomic
 from simulator.mapping import DEFAULT_GRANULARITY
 from simulator.yamlfile import load_yaml
@@ -98,16 +98,11 @@ def run_point(point: dict[str, Any]) -> dict[str, Any]:
                           hw_set=point["settings"],
                           granularity=point.get("granularity", DEFAULT_GRANULARITY))
     except UserError as exc:
-        return {**row, "status": "infeasible" if _infeasible(exc) else "error",
+        return {**row, "status": "infeasible" if isinstance(exc, Infeasible) else "error",
                 "message": str(exc)}
     return {**row, "status": "ok", "message": "",
             **{name: getattr(result, name) for name in COLUMNS if hasattr(result, name)
                and name not in row}}
-
-
-def _infeasible(exc: UserError) -> bool:
-    """A well-formed point the machine cannot run: too big, or a mapping it lacks."""
-    return any(field in exc.message for field in ("memory.dram.capacity", "scheduling.mappings"))
 
 
 def _read_log(log: Path) -> dict[str, dict[str, Any]]:

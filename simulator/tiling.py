@@ -198,7 +198,7 @@ def flash_work(hw: Hardware, unit: Unit, rate: float, flash: FlashAttention,
     for mine in assigned:
         steps = sum(blocks[i] for i in mine)
         share = steps / total_steps
-        compute = steps * step_ns + len(mine) * flash.block_overhead.ns(hw.core_clock)
+        compute = steps * step_ns + len(mine) * overhead
         work.append(CoreWork(steps, compute, steps * step_l2 + len(mine) * block_l2,
                              loads * share, stores * share))
     schedule = FlashSchedule(backward, b, h, sq, sk, outer_tile, inner_tile, splits,

@@ -10,8 +10,10 @@ from simulator.cli import main
 def refused(capsys: pytest.CaptureFixture[str], args: list[str], *fragments: str) -> str:
     """Run the CLI; assert exit 2 and one stderr line holding every fragment."""
     code = main(args)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert code == 2, err
+    assert captured.out == "", captured.out
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("simulate: error: ")
     for fragment in fragments:

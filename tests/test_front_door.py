@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cli_helpers import refused
 
 from simulator.cli import COMMANDS, main
 
@@ -18,12 +19,7 @@ SUBCOMMANDS = [name for name in COMMANDS if name != "help"]
 
 def error_line(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     """Run the CLI expecting a usage error: exit 2, nothing on stdout, one stderr line."""
-    assert main(list(args)) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert captured.out == "" and len(lines) == 1
-    assert lines[0].startswith("simulate: error: ")
-    return lines[0]
+    return refused(capsys, list(args)).strip()
 
 
 # --- a. help ----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cli_helpers import refused
 
 from simulator.cli import main
 from simulator.errors import UserError
@@ -22,10 +23,7 @@ Path_ = tuple[str, ...]
 
 def error_line(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     """Run the CLI, expecting exit 2 and exactly one line on stderr."""
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("simulate: error: "), err
-    return err
+    return refused(capsys, list(argv))
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:

@@ -1,7 +1,6 @@
 """The host runtime a GPU models: eager launches per kernel, or one CUDA graph per step."""
 
 import json
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -17,9 +16,6 @@ from simulator.workload.cache import get_trace
 from workloads.config import resolve_model
 
 A100 = load_hardware("gpu_a100.yaml")
-LLAMA3_8B = Path(__file__).parent / "data" / "llama3-8b.json"
-
-
 def _latency_and_kernels(runtime: str, phase: str = "decode") -> tuple[float, int]:
     trace = get_trace(resolve_model("tiny-llama"), phase, 1, 16 if phase == "decode" else 0,
                       16 if phase == "prefill" else 0)
@@ -102,9 +98,3 @@ def test_graphs_need_a_graph_launch_and_a_runtime() -> None:
     with pytest.raises(UserError, match="graph_launch"):
         with_runtime(eager_only, "cuda_graphs")
 
-
-def test_llama3_8b_config_is_the_published_shape() -> None:
-    cfg = resolve_model(str(LLAMA3_8B))
-    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (4096, 14336, 32)
-    assert (cfg.num_attention_heads, cfg.kv_heads, cfg.vocab_size) == (32, 8, 128256)
-    assert cfg.rope_theta == 500000 and not cfg.tie_word_embeddings

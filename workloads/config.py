@@ -338,8 +338,14 @@ class CatalogEntry(BaseModel):
         return CATALOG_DIR / f"{self.name}.json"
 
     def data(self) -> dict[str, Any]:
-        """The transcribed config with the preset's model_set over it."""
-        return _read_file(self.path) | self.model_set
+        """The transcribed config with the preset's model_set over it (a fresh dict)."""
+        return _catalog_file(self.path) | self.model_set
+
+
+@cache
+def _catalog_file(path: Path) -> dict[str, Any]:
+    """A shipped catalog file, read once per process (callers get copies)."""
+    return _read_file(path)
 
 
 @cache

@@ -41,8 +41,9 @@ def shipped_cases(file_name: str) -> dict[str, Case]:
     return {case.id: case for case in load_cases(path)}
 
 
-def _measure(case: Case, parameters: list[Parameter], values: list[float],
-             fixed: dict[str, str]) -> float:
+def measure_with(case: Case, parameters: list[Parameter], values: list[float],
+                 fixed: dict[str, str]) -> float:
+    """The case's metric with `parameters` at `values` and `fixed` set over its hw_set."""
     overrides = {p.path: p.value(v) for p, v in zip(parameters, values, strict=True)}
     return measure(case.model_copy(update={"hw_set": {**case.hw_set, **fixed, **overrides}}))
 
@@ -50,7 +51,7 @@ def _measure(case: Case, parameters: list[Parameter], values: list[float],
 def rms_error(cases: list[Case], parameters: list[Parameter], values: list[float],
               fixed: dict[str, str] | None = None) -> float:
     """Root-mean-square relative error over `cases` with `parameters` at `values`."""
-    errors = [(_measure(case, parameters, values, fixed or {}) - case.reference)
+    errors = [(measure_with(case, parameters, values, fixed or {}) - case.reference)
               / case.reference for case in cases]
     return float(np.sqrt(np.mean(np.square(errors))))
 
@@ -64,12 +65,12 @@ def fit(cases: list[Case], parameters: list[Parameter], fixed: dict[str, str] | 
     for _ in range(iterations):
         rows, rhs = [], []
         for case in cases:
-            here = _measure(case, parameters, values, fixed)
+            here = measure_with(case, parameters, values, fixed)
             slopes = []
             for i, parameter in enumerate(parameters):
                 moved = list(values)
                 moved[i] += parameter.step
-                slopes.append((_measure(case, parameters, moved, fixed) - here)
+                slopes.append((measure_with(case, parameters, moved, fixed) - here)
                               / parameter.step / case.reference)
             rows.append(slopes)
             rhs.append((case.reference - here) / case.reference)

@@ -19,8 +19,14 @@ from __future__ import annotations
 
 import sys
 
-from simulator.calibration.fit import Parameter, fit, number, publish, shipped_cases
-from simulator.validation.cases import measure
+from simulator.calibration.fit import (
+    Parameter,
+    fit,
+    measure_with,
+    number,
+    publish,
+    shipped_cases,
+)
 
 
 def calibrate() -> dict[str, float]:
@@ -63,8 +69,7 @@ def without_startup() -> None:
     print(f"# without the TMATMUL start-up: {access.path}: {number(value)} cycle")
     for d in (512, 1024, 2048):
         case = cases[f"table3-block-d{d}"]
-        hw_set = {**case.hw_set, **fixed, access.path: access.value(value)}
-        simulated = measure(case.model_copy(update={"hw_set": hw_set}))
+        simulated = measure_with(case, [access], [value], fixed)
         print(f"d = {d} ({case.role}): {simulated * 1e3:.4g} ms vs {case.reference * 1e3:.4g} ms "
               f"({simulated / case.reference - 1:+.1%})")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from simulator.errors import UserError
+from simulator.errors import Infeasible, UserError
 from simulator.hardware.schema import Hardware, Unit
 
 #: The model config's torch_dtype of each traced dtype (for errors naming that field).
@@ -102,6 +102,6 @@ def check_mapping(hw: Hardware, mapping: str) -> None:
         raise UserError("--mapping", f"expected 'tensor' or 'batch', not '{mapping}'")
     declared = hw.scheduling.mappings
     if mapping not in declared:
-        raise UserError(f"--mapping {mapping}",
-                        f"{hw.source}: scheduling.mappings is [{', '.join(declared)}]; "
-                        f"expected {' or '.join(declared)}")
+        raise Infeasible(f"--mapping {mapping}",
+                         f"{hw.source}: scheduling.mappings is [{', '.join(declared)}]; "
+                         f"expected {' or '.join(declared)}")

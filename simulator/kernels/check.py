@@ -131,6 +131,8 @@ def run_check(hw: Hardware, cfg: ModelConfig, *, mapping: Mapping = "tensor", ba
               phase: Phase = "decode", context: int = 8, prompt: int = 8,
               fault: Fault | None = None) -> CheckResult:
     """Compare the hardware schedule's numbers with the PyTorch reference."""
+    cfg.check_positions(phase, context, prompt)  # before the CPU model is built
+    check_mapping(hw, mapping)
     model = build_model(cfg, "cpu")
     parameters = sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for b in model.buffers())
@@ -147,7 +149,6 @@ def run_check(hw: Hardware, cfg: ModelConfig, *, mapping: Mapping = "tensor", ba
         tensor.copy_(0.5 * torch.randn(tensor.shape, generator=generator))
     trace = get_trace(cfg, phase, batch, context if phase == "decode" else 0,
                       prompt if phase == "prefill" else 0)
-    check_mapping(hw, mapping)
     try:
         tasks = map_trace(trace, hw, mapping)
     except UnratedDtype as exc:
@@ -158,7 +159,7 @@ def run_check(hw: Hardware, cfg: ModelConfig, *, mapping: Mapping = "tensor", ba
         model(ids, copy.deepcopy(state))
     for handle in handles:
         handle.remove()
-    executor = Executor(hw, trace.ops, tasks, batch, fault)
+    executor = Executor(trace.ops, tasks, fault)
     replay = Replay(executor)
     computed, handles = _watch(model, cfg, replay)
     fresh = copy.deepcopy(state)  # outside the replay: only the model's own ops are numbered

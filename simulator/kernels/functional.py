@@ -32,7 +32,6 @@ from simulator.decompose import (
     timed_units,
     unfused_attention,
 )
-from simulator.hardware.schema import Hardware
 from simulator.kernels import ternary, vector
 from simulator.mapping import Task
 from simulator.schedule import GemmSchedule
@@ -69,10 +68,8 @@ class OpCheck:
 class Executor:
     """Replays a model's ops, computing those with kernels along the mapped schedule."""
 
-    hw: Hardware
     ops: tuple[Op, ...]
     tasks: list[Task]
-    batch: int
     fault: Fault | None = None
     checks: list[OpCheck] = field(default_factory=list)
     faulted: bool = False

@@ -105,10 +105,11 @@ class Case(BaseModel):
 
     @model_validator(mode="after")
     def _honest(self) -> Case:
-        standard = GATES.get(self.role)
-        if standard is not None and self.tolerance > standard + 1e-12 and not self.gate_reason:
-            raise ValueError(f"a {self.role} case is gated at ±{standard:.0%}; a tolerance of "
-                             f"{self.tolerance:g} needs a gate_reason")
+        if self.widened and not self.gate_reason:
+            raise ValueError(f"a {self.role} case is gated at ±{GATES[self.role]:.0%}; a "
+                             f"tolerance of {self.tolerance:g} needs a gate_reason")
+        if self.kernel is not None and self.metric != "tflops":
+            raise ValueError(f"a kernel case measures tflops, not {self.metric}")
         if self.metric in DERIVED and not (self.formula and self.formula_source):
             raise ValueError(f"metric {self.metric} is derived: give its formula and "
                              "formula_source")
@@ -173,9 +174,7 @@ def _read(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_empirical(path: str | Path) -> list[Empirical]:
-    """The curve-fit terms a case file declares."""
-    items = _read(path).get("empirical") or []
+def _empirical(path: str | Path, items: Any) -> list[Empirical]:
     if not isinstance(items, list):
         raise UserError(f"{path}: empirical", "expected a list")
     found = []
@@ -188,9 +187,24 @@ def load_empirical(path: str | Path) -> list[Empirical]:
     return found
 
 
-def load_cases(path: str | Path) -> list[Case]:
-    """Read a case file; errors name the file and the case."""
+def load_case_file(path: str | Path) -> tuple[list[Case], list[Empirical]]:
+    """A case file's cases and the curve-fit terms it declares, read once; errors name the
+    file and the case."""
     data = _read(path)
+    return _cases(path, data), _empirical(path, data.get("empirical") or [])
+
+
+def load_empirical(path: str | Path) -> list[Empirical]:
+    """The curve-fit terms a case file declares."""
+    return load_case_file(path)[1]
+
+
+def load_cases(path: str | Path) -> list[Case]:
+    """Read a case file's cases; errors name the file and the case."""
+    return load_case_file(path)[0]
+
+
+def _cases(path: str | Path, data: dict[str, Any]) -> list[Case]:
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise UserError(f"{path}: defaults", "expected a mapping of case fields")
@@ -247,8 +261,6 @@ _RUNS: dict[str, Result] = {}
 def measure(case: Case) -> float:
     """The simulator's value of the case's metric."""
     if case.kernel is not None:
-        if case.metric != "tflops":
-            raise UserError(case.id, f"a kernel case measures tflops, not {case.metric}")
         return _kernel(case, case.kernel)
     if case.metric == "input_vector_transfer_s":
         return _host_transfer_s(case)
