@@ -16,7 +16,8 @@ from simulator.power import energy
 from simulator.report import Result, build_result
 from simulator.workload.cache import get_trace
 from simulator.workload.trace import Phase, Trace
-from workloads.config import ModelConfig, resolve_model
+from workloads.config import resolve_model
+from workloads.models import AnyModel
 
 DEFAULT_CONTEXT = 2048
 DEFAULT_PROMPT = 2048
@@ -29,8 +30,8 @@ HOST_BYTES_PER_TOKEN = 8
 def _check_shape(phase: str, batch: int, context: int, prompt: int) -> None:
     """Refuse a step shape no model can run. The model's own limit (max_position_embeddings)
     is `ModelConfig.check_positions`, which `get_trace` applies to every simulated model."""
-    if phase not in ("decode", "prefill"):
-        raise UserError("--phase", f"expected 'decode' or 'prefill', not '{phase}'")
+    if phase not in ("decode", "prefill", "forward"):
+        raise UserError("--phase", f"expected 'decode', 'prefill' or 'forward', not '{phase}'")
     for flag, value, low, high in (("--batch", batch, 1, MAX_BATCH),
                                    ("--context", context, 0, MAX_TOKENS),
                                    ("--prompt", prompt, 1, MAX_TOKENS)):
@@ -73,26 +74,33 @@ def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
         tasks, timeline
 
 
-def simulate(hw: Hardware | str | Path, model: ModelConfig | str, *, phase: Phase = "decode",
-             batch: int = 1, context: int = DEFAULT_CONTEXT, prompt: int = DEFAULT_PROMPT,
+def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase = "decode",
+             batch: int = 1, context: int | None = None, prompt: int | None = None,
              mapping: Mapping = "tensor", hw_set: MappingType[str, Any] | None = None,
              model_set: MappingType[str, str] | None = None,
              granularity: int = DEFAULT_GRANULARITY, use_cache: bool = True,
              trace_file: str | Path | None = None, plot_dir: str | Path | None = None,
-             runtime: Runtime | None = None) -> Result:
+             runtime: Runtime | None = None, moe_routing: str | None = None) -> Result:
     """Simulate one step of `model` on `hw`.
 
     decode: one new token for each of `batch` sequences after `context` tokens;
-    prefill: `batch` prompts of `prompt` tokens. `hw_set` overrides dotted YAML paths
-    (values with units, e.g. {"clock": "54 MHz"}); `model_set` overrides config fields.
+    prefill: `batch` prompts of `prompt` tokens (both by default 2048, or as many as the
+    model's positions allow); forward: one pass of an encoder over `batch` inputs.
+    `hw_set` overrides dotted YAML paths (values with units, e.g. {"clock": "54 MHz"});
+    `model_set` overrides config fields; `moe_routing` is an MoE model's routing policy.
     `trace_file` receives a Chrome/Perfetto timeline of the run; `plot_dir` the per-layer
     breakdown and roofline PNGs. `runtime` (eager or cuda_graphs) replaces the host runtime
     the hardware file models (`overheads.runtime`); None keeps it.
     """
-    _check_shape(phase, batch, context, prompt)
     machine = hw if isinstance(hw, Hardware) else load_hardware(hw, hw_set)
     machine = with_runtime(machine, runtime)
-    cfg = model if isinstance(model, ModelConfig) else resolve_model(model, model_set)
+    cfg = resolve_model(model, model_set, moe_routing) if isinstance(model, str) else model
+    limit = cfg.position_limit  # defaults within a short-context model's positions
+    if context is None:
+        context = DEFAULT_CONTEXT if limit is None else min(DEFAULT_CONTEXT, limit - 1)
+    if prompt is None:
+        prompt = DEFAULT_PROMPT if limit is None else min(DEFAULT_PROMPT, limit)
+    _check_shape(phase, batch, context, prompt)
     trace = get_trace(cfg, phase, batch, context if phase == "decode" else 0,
                       prompt if phase == "prefill" else 0, use_cache=use_cache)
     result, _, timeline = run_trace(machine, trace, mapping, granularity,

@@ -68,18 +68,26 @@ def _pairs(values: Sequence[str], flag: str, parse_value: bool) -> dict[str, Any
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="preset or catalog name (simulate list: 1.3b, llama3-8b, …), its "
-                             "HF id (meta-llama/Meta-Llama-3-8B), or a config.json/YAML path")
+                        help="preset or catalog name (simulate list: 1.3b, llama3-8b, "
+                             "mixtral-8x7b, …), its HF id (mistralai/Mistral-7B-v0.1), a "
+                             "config.json/YAML path, or python:module:factory (an nn.Module)")
     parser.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. torch_dtype=float32")
-    parser.add_argument("--phase", default="decode", choices=("decode", "prefill"),
-                        help="one new token per sequence (decode, default) or the whole "
-                             "prompt (prefill)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    parser.add_argument("--phase", default="decode", choices=("decode", "prefill", "forward"),
+                        help="one new token per sequence (decode, default), the whole "
+                             "prompt (prefill), or one pass of an encoder or vision model "
+                             "(forward)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="sequences, or images for a vision model (default 1)")
+    parser.add_argument("--moe-routing", default=None, metavar="POLICY",
+                        help="MoE models: tokens per expert: balanced (default), random:SEED, "
+                             "zipf:S[:SEED] or file:PATH (per-layer histogram)")
     parser.add_argument("--context", type=int, default=None,
-                        help="decode: tokens already in the KV cache/state (default 2048)")
+                        help="decode: tokens already in the KV cache/state (default 2048, "
+                             "or the model's positions − 1 if fewer)")
     parser.add_argument("--prompt", type=int, default=None,
-                        help="prefill: prompt tokens (default 2048)")
+                        help="prefill: prompt tokens (default 2048, or the model's positions "
+                             "if fewer)")
 
 
 def _version() -> str:
@@ -130,7 +138,7 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def _run(argv: Sequence[str]) -> int:
-    from simulator.api import DEFAULT_CONTEXT, DEFAULT_PROMPT, simulate
+    from simulator.api import simulate
     from simulator.files import check_output_file, check_output_folder
     from simulator.mapping import DEFAULT_GRANULARITY
 
@@ -141,13 +149,13 @@ def _run(argv: Sequence[str]) -> int:
         check_output_folder(args.plot, "--plot")
     result = simulate(
         args.hw, args.model, phase=args.phase, batch=args.batch,
-        context=DEFAULT_CONTEXT if args.context is None else args.context,
-        prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt, mapping=args.mapping,
+        context=args.context, prompt=args.prompt, mapping=args.mapping,
         hw_set=_pairs(args.hw_set, "--hw-set", True),
         model_set=_pairs(args.model_set, "--model-set", False),
         granularity=DEFAULT_GRANULARITY if args.granularity is None else args.granularity,
         use_cache=not args.no_cache,
-        trace_file=args.trace, plot_dir=args.plot, runtime=args.runtime)
+        trace_file=args.trace, plot_dir=args.plot, runtime=args.runtime,
+        moe_routing=args.moe_routing)
     if args.format == "json":
         print(result.to_json())
     elif args.format == "csv":
@@ -180,7 +188,8 @@ def _trace(argv: Sequence[str]) -> int:
     context = DEFAULT_CONTEXT if args.context is None else args.context
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     _check_shape(args.phase, args.batch, context, prompt)
-    cfg = resolve_model(args.model, _pairs(args.model_set, "--model-set", False))
+    cfg = resolve_model(args.model, _pairs(args.model_set, "--model-set", False),
+                        args.moe_routing)
     trace = get_trace(cfg, args.phase, args.batch, context if args.phase == "decode" else 0,
                       prompt if args.phase == "prefill" else 0)
     write_atomic(args.output, trace.to_json(), "-o")
@@ -209,6 +218,10 @@ def _list(argv: Sequence[str]) -> int:
     entries = catalog()
     for name in model_names():
         cfg = resolve_model(name)
+        if cfg.model_type == "python":  # an nn.Module: sized only when built
+            print(row.format(name, "—", "—", "—", "—", "—", "—", "—", "—",
+                             f"python:{cfg.module}:{cfg.factory}"))
+            continue
         kv = "—" if cfg.model_type == "hgrn_bit" else cfg.kv_heads
         print(row.format(name, count(cfg.param_count),
                          "tied" if cfg.tie_word_embeddings else "untied", cfg.num_hidden_layers,
@@ -322,11 +335,14 @@ def _check(argv: Sequence[str]) -> int:
     from simulator.hardware import load_hardware
     from simulator.kernels.check import run_check
     from simulator.kernels.functional import counts
-    from workloads.config import resolve_model
+    from workloads.config import ModelConfig, resolve_model
 
     _check_shape(args.phase, args.batch, args.context, args.prompt)
     hw = load_hardware(args.hw, _pairs(args.hw_set, "--hw-set", True))
     cfg = resolve_model(args.model, _pairs(args.model_set, "--model-set", False))
+    if not isinstance(cfg, ModelConfig):
+        raise UserError("--model", f"{cfg.name} is built by {cfg.model_type}'s own code; the "
+                        "functional check runs our modules only (llama, hgrn_bit)")
     result = run_check(hw, cfg, mapping=args.mapping, batch=args.batch, phase=args.phase,
                        context=args.context, prompt=args.prompt)
     if args.format == "json":

@@ -149,6 +149,8 @@ def attention_blocks(op: Op, task: Task) -> list[Block]:
     """Attention forward in blocks, core by core: the FlashAttention-2 blocks as balanced
     (tiled machines), or each core's (batch, head) pairs over its chunks of the keys."""
     schedule = kernel_schedule(task)
+    if op.dims.get("window"):
+        raise ValueError(f"{op.name}: no functional kernel for sliding-window attention")
     if isinstance(schedule, FlashSchedule):
         if schedule.backward:
             raise ValueError(f"{op.name}: no functional kernel for attention backward")

@@ -79,6 +79,9 @@ class Result:
     layers: tuple[LayerResult, ...]
     ops: tuple[OpResult, ...] = field(repr=False)
     notes: tuple[str, ...] = ()
+    #: MoE models: the busiest expert's tokens over the fewest it could have, ⌈T·k / E⌉ (1.0:
+    #: balanced), in the MoE block where that is largest; None for dense models
+    expert_imbalance: float | None = None
 
     def to_dict(self, with_ops: bool = False) -> dict[str, Any]:
         data = asdict(self)
@@ -175,4 +178,6 @@ def build_result(hw: Hardware, trace: Trace, tasks: list[Task], timeline: Timeli
         host_transfer_s=timeline.usage.busy_ns.get("host", 0.0) * 1e-9,
         channel_utilisation=busy,
         channel_useful_utilisation=_useful_shares(hw, timeline, list(busy)),
-        events=timeline.events, layers=layers, ops=ops, notes=notes)
+        events=timeline.events, layers=layers, ops=ops, notes=notes,
+        expert_imbalance=max((max(row) / -(-sum(row) // len(row)) for row in trace.expert_tokens
+                              if sum(row)), default=None))

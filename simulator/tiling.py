@@ -136,15 +136,20 @@ def gemm_work(hw: Hardware, unit: Unit, rate: float, m: int, n: int, k: int, bat
 
 
 def _attention_blocks(outer: int, inner: int, causal_offset: int | None,
-                      outer_tile: int, inner_tile: int, backward: bool) -> list[int]:
-    """Inner-loop iterations of each block of one (batch, head)."""
+                      outer_tile: int, inner_tile: int, backward: bool, window: int = 0
+                      ) -> list[int]:
+    """Inner-loop iterations of each block of one (batch, head); a sliding window (causal,
+    forward) skips the key tiles wholly before the window of the tile's first query."""
     counts = []
     for i in range(outer):
         if causal_offset is None:
             counts.append(inner)
         elif not backward:  # query tile i sees keys up to (i + 1)·Br + offset
-            counts.append(max(1, min(inner, math.ceil(((i + 1) * outer_tile + causal_offset)
-                                                      / inner_tile))))
+            last = max(1, min(inner, math.ceil(((i + 1) * outer_tile + causal_offset)
+                                               / inner_tile)))
+            first = max(0, i * outer_tile + causal_offset - window + 1) // inner_tile if (
+                window) else 0
+            counts.append(max(1, last - min(first, last - 1)))
         else:  # key tile j is seen by query tiles from (j·Bc − offset) / Br on
             first = max(0, (i * outer_tile - causal_offset) // inner_tile)
             counts.append(max(1, inner - first))
@@ -170,7 +175,11 @@ def flash_work(hw: Hardware, unit: Unit, rate: float, flash: FlashAttention,
                                                 q_tile, kv_tile)
         matmuls = 2
     offset = (sk - sq) if dims.get("causal") else None
-    per_head = _attention_blocks(outer, inner, offset, outer_tile, inner_tile, backward)
+    window = dims.get("window", 0)
+    if window and backward:
+        raise ValueError("sliding-window attention backward is not modelled")
+    per_head = _attention_blocks(outer, inner, offset, outer_tile, inner_tile, backward,
+                                 window)
     splits = 1
     if not backward and b * h * outer < hw.cores.count:  # split the keys (flash-decoding)
         splits = min(math.ceil(hw.cores.count / (b * h * outer)), inner)

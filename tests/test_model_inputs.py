@@ -329,10 +329,13 @@ def test_every_fingerprinted_byte_counts(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(seen) == len(copies) + 1
 
 
-def test_the_torch_version_is_in_the_key(monkeypatch: pytest.MonkeyPatch,
-                                         fresh_hash: None) -> None:
+@pytest.mark.parametrize("package", ["torch", "transformers"])
+def test_the_torch_and_transformers_versions_are_in_the_key(
+        monkeypatch: pytest.MonkeyPatch, fresh_hash: None, package: str) -> None:
     real = _tiny_key()
-    monkeypatch.setattr(cache, "_torch_version", lambda: "0.0-test")
+    version = cache._version
+    monkeypatch.setattr(cache, "_version",
+                        lambda name: "0.0-test" if name == package else version(name))
     cache.code_hash.cache_clear()
     assert _tiny_key() != real
 

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch import nn
 
+from simulator.errors import UserError
 from workloads.config import ModelConfig
+from workloads.hf_config import HFConfig
+from workloads.models import AnyModel, ModuleModel
 from workloads.state import State
 
 
@@ -34,3 +43,54 @@ def make_inputs(cfg: ModelConfig, batch: int, tokens: int, position: int,
         state.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         state.values = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
     return ids, state
+
+
+@dataclass
+class Step:
+    """One model step ready to run on meta: the module, a call that runs it, the state
+    tensors it carries (KV caches, recurrent states), the tokens or items it produces and
+    the module paths recorded as one norm op each."""
+
+    model: nn.Module
+    run: Callable[[], Any]
+    state: list[torch.Tensor]
+    tokens: int
+    leaves: frozenset[str] = field(default_factory=frozenset)
+    #: MoE models: tokens per expert in each MoE block, filled by the run.
+    expert_tokens: list[list[int]] = field(default_factory=list)
+
+
+def prepare(cfg: AnyModel, phase: str, batch: int, context: int, prompt: int) -> Step:
+    """The step of `cfg`: decode (one token after `context`), prefill (`prompt` tokens) or
+    forward (an encoder's pass over `batch` inputs)."""
+    if isinstance(cfg, HFConfig):
+        from workloads.hf import hf_step
+
+        return hf_step(cfg, phase, batch, context, prompt)
+    if isinstance(cfg, ModuleModel):
+        return module_step(cfg, batch)
+    model = build_model(cfg)
+    tokens, position = (1, context) if phase == "decode" else (prompt, 0)
+    ids, state = make_inputs(cfg, batch, tokens, position)
+    return Step(model, lambda: model(ids, state), state.tensors(), batch * tokens)
+
+
+def module_step(cfg: ModuleModel, batch: int) -> Step:
+    """A `python:` factory's module and inputs, built on meta, as one forward pass."""
+    try:
+        factory = getattr(importlib.import_module(cfg.module), cfg.factory)
+    except (ImportError, AttributeError) as exc:
+        raise UserError("--model", f"python:{cfg.name} cannot be loaded ({exc})") from None
+    takes_batch = "batch" in inspect.signature(factory).parameters
+    with torch.device("meta"):
+        made = factory(batch=batch) if takes_batch else factory()
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module)):
+        raise UserError("--model", f"python:{cfg.name} returned {type(made).__name__}; "
+                        "expected (module, example_inputs)")
+    module, inputs = made
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    if not takes_batch and batch != 1:
+        raise UserError("--batch", f"python:{cfg.name} takes no batch keyword; expected 1")
+    module.eval()
+    items = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
+    return Step(module, lambda: module(*inputs), [], int(items))

@@ -328,7 +328,9 @@ class CatalogEntry(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
     #: The HF repository id (owner/name) whose config.json the file transcribes.
     hf_id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-    source: str = Field(pattern=r"^https://huggingface\.co/")
+    #: The file transcribed (huggingface.co), or the paper that defines the model's shape
+    #: where no checkpoint was published (GPT-3: arxiv.org).
+    source: str = Field(pattern=r"^https://(huggingface\.co|arxiv\.org)/")
     #: Fields the preset sets over the file (typed values, as --model-set would).
     model_set: dict[str, Any] = Field(default_factory=dict)
     notes: str = ""
@@ -543,9 +545,13 @@ def _check_fields(data: dict[str, Any], model: str, overridden: Collection[str]
 
     kind = data.get("model_type")
     if kind not in IMPLEMENTED:
+        from workloads.hf_config import HF_TASKS
+
         got = "is missing" if kind is None else f"{_shown(kind)!r} is not implemented"
+        kinds = sorted({*IMPLEMENTED, *HF_TASKS})
         raise UserError(where("model_type") if "model_type" in overridden else model,
-                        f"model_type {got}; expected {' or '.join(IMPLEMENTED)}")
+                        f"model_type {got}; expected one of {', '.join(kinds)}"
+                        + _near(str(kind), kinds))
     for key, value in data.items():
         if key in RULES and (problem := RULES[key](value, data)):
             raise UserError(where(key), problem)
@@ -573,7 +579,7 @@ def model_names() -> list[str]:
     the catalog in its index's order, then the tiny test models."""
     own = [name for name in PRESETS if name not in catalog()]
     tiny = [name for name in own if name.startswith("tiny")]
-    return [*(name for name in own if name not in tiny), *catalog(), *tiny]
+    return [*(name for name in own if name not in tiny), *catalog(), *MODULE_PRESETS, *tiny]
 
 
 def _near(word: str, choices: list[str]) -> str:
@@ -616,15 +622,40 @@ def _lookup(model: str) -> tuple[dict[str, Any], str]:
         + ", ".join([*model_names(), *ALIASES]))))
 
 
-def resolve_model(model: str, overrides: Mapping[str, str] | None = None) -> ModelConfig:
-    """A preset or catalog name, bare size, a catalog entry's HF id (any case), or the path to
-    an HF config.json/YAML (or a folder holding config.json), with KEY=VALUE overrides."""
-    data, shown = _lookup(model)
+#: Presets that are `python:` factories (our own nn.Modules without an HF config).
+MODULE_PRESETS = {"resnet50": "python:workloads.resnet:resnet50"}
+
+
+def resolve_model(model: str, overrides: Mapping[str, str] | None = None,
+                  routing: str | None = None) -> Any:
+    """A preset or catalog name, bare size, a catalog entry's HF id (any case), the path to
+    an HF config.json/YAML (or a folder holding config.json), or `python:module:factory`,
+    with KEY=VALUE overrides; `routing` is an MoE model's --moe-routing policy.
+
+    Returns a ModelConfig (llama, hgrn_bit: our modules), an HFConfig (architectures
+    transformers builds) or a ModuleModel (`python:`), see `workloads.models`."""
+    from workloads.hf_config import HF_TASKS, resolve_hf
+    from workloads.models import PREFIX, resolve_module
+
     overrides = overrides or {}
+    spec = MODULE_PRESETS.get(model.lower(), model)
+    if spec.startswith(PREFIX):
+        for flag, given in (("--model-set", overrides), ("--moe-routing", routing)):
+            if given:
+                raise UserError(flag, f"{model} is an nn.Module without a config; expected "
+                                "the flag left out")
+        found = resolve_module(spec)
+        return found if spec == model else found.model_copy(update={"name": model.lower()})
+    data, shown = _lookup(model)
     for key, text in overrides.items():
         data[key] = _coerce(key, text)
+    shown += "".join(f" {k}={v}" for k, v in overrides.items())
+    if data.get("model_type") in HF_TASKS and data.get("model_type") not in IMPLEMENTED:
+        return resolve_hf(data, model, set(overrides), shown, routing)
+    if routing is not None:
+        raise UserError("--moe-routing", f"{shown} has no experts; expected the flag left out")
     data = _check_fields(data, model, overrides)
-    data["name"] = shown + "".join(f" {k}={v}" for k, v in overrides.items())
+    data["name"] = shown
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:

@@ -2,8 +2,9 @@
 
 - `mmsim::ternary_matmul`: int8 activations × 2-bit packed ternary weights → int32.
 - `mmsim::rms_norm`: RMSNorm with a per-channel weight (the FPGA has an RMS unit).
-- `mmsim::attention`: scaled dot-product attention with grouped KV heads; the mapping
-  decides per machine whether it runs fused (FlashAttention-2) or unfused.
+- `mmsim::attention`: scaled dot-product attention with grouped KV heads, optionally causal
+  and within a sliding window; the mapping decides per machine whether it runs fused
+  (FlashAttention-2) or unfused.
 - `mmsim::hgrn_scan`: the MLGRU recurrence h_t = f_t ⊙ h_{t−1} + c_t over a sequence.
 
 Each has an exact reference implementation on real tensors and a fake (meta) one for traces.
@@ -64,22 +65,41 @@ def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @torch.library.custom_op("mmsim::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """softmax(q kᵀ/√d) v with q (B, H, Sq, D), k/v (B, Hkv, Sk, D); causal aligns ends."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+              window: int = 0) -> torch.Tensor:
+    """softmax(q kᵀ/√d) v with q (B, H, Sq, D), k/v (B, Hkv, Sk, D); causal aligns ends;
+    window > 0 (causal only) lets each query see only the `window` latest keys up to its
+    own position."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     mask = None
     if causal:
         sq, sk = q.shape[2], k.shape[2]
-        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        ones = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+        mask = ones.tril(sk - sq)
+        if window:
+            mask = mask & ones.triu(sk - sq - window + 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).contiguous()
 
 
 @attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+      window: int = 0) -> torch.Tensor:
     # contiguous like the real kernel's output, so real and traced runs lay out alike
     return q.new_empty(q.shape)
+
+
+def attention_pairs(q_len: int, kv_len: int, causal: bool, window: int = 0) -> int:
+    """(query, key) pairs attention scores: all, the causal triangle (ends aligned), or
+    its band of the `window` latest keys up to each query."""
+    if not causal:
+        return q_len * kv_len
+    total = 0
+    for i in range(q_len):
+        seen = min(kv_len, kv_len - q_len + i + 1)  # keys up to its own position
+        total += min(seen, window) if window else seen
+    return total
 
 
 @torch.library.custom_op("mmsim::hgrn_scan", mutates_args=())

@@ -21,7 +21,7 @@ from simulator.errors import UserError
 from simulator.files import write_atomic
 from simulator.workload.trace import FORMAT_VERSION, Phase, Trace
 from workloads import config as model_configs
-from workloads.config import ModelConfig
+from workloads.models import AnyModel
 
 _HERE = Path(__file__).resolve().parent
 #: The code that determines a trace: the model builders (workloads/*.py) and the capture.
@@ -30,18 +30,20 @@ SOURCES: tuple[Path, ...] = (
     _HERE / "capture.py", _HERE / "trace.py")
 
 
-def _torch_version() -> str:
-    """The installed torch's version, read from its metadata (importing torch is slow)."""
+def _version(package: str) -> str:
+    """An installed package's version, read from its metadata (importing it is slow)."""
     try:
-        return metadata.version("torch")
+        return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "none"
 
 
 @functools.cache
 def code_hash() -> str:
-    """sha256 of SOURCES (names and bytes) and the torch version; computed once a process."""
-    digest = hashlib.sha256(f"torch {_torch_version()}\n".encode())
+    """sha256 of SOURCES (names and bytes) and the torch and transformers versions;
+    computed once a process."""
+    digest = hashlib.sha256(f"torch {_version('torch')}\n".encode())
+    digest.update(f"transformers {_version('transformers')}\n".encode())
     for path in SOURCES:
         try:
             content = path.read_bytes()
@@ -55,12 +57,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SIMULATE_CACHE_DIR") or user_cache_dir("llm-hwsim")) / "traces"
 
 
-def _key(cfg: ModelConfig, phase: Phase, batch: int, context: int, prompt: int) -> str:
+def _key(cfg: AnyModel, phase: Phase, batch: int, context: int, prompt: int) -> str:
     text = f"{FORMAT_VERSION}/{code_hash()}/{cfg.key()}/{phase}/{batch}/{context}/{prompt}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def get_trace(cfg: ModelConfig, phase: Phase, batch: int, context: int, prompt: int,
+def get_trace(cfg: AnyModel, phase: Phase, batch: int, context: int, prompt: int,
               use_cache: bool = True) -> Trace:
     """The trace of one step, from the cache when present, else captured (and cached).
 

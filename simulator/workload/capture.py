@@ -8,6 +8,7 @@ dependencies and activation liveness are all known.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from simulator.workload.trace import Op, OpKind, Phase, Trace
-from workloads.build import build_model, make_inputs
-from workloads.config import ModelConfig
+from workloads.build import prepare
+from workloads.models import AnyModel
+from workloads.ops import attention_pairs
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
            torch.int8: "int8", torch.uint8: "int8", torch.int32: "int32", torch.int64: "int32",
@@ -28,14 +30,23 @@ _FACTORIES = {"empty", "zeros", "ones", "full", "scalar_tensor", "lift_fresh", "
               "alias", "new_empty", "new_zeros"}
 _ALIASING = {"_unsafe_view", "_reshape_alias"}
 _ACTIVATION = {"sigmoid", "silu", "exp", "tanh", "gelu", "rsqrt", "sqrt", "log", "cos", "sin",
-               "erf", "reciprocal"}
-_REDUCTION = {"sum", "mean", "amax", "amin", "max", "min", "prod", "var", "std", "argmax"}
+               "erf", "reciprocal", "relu", "relu_"}
+_REDUCTION = {"sum", "mean", "amax", "amin", "max", "min", "prod", "var", "std", "argmax",
+              "topk", "max_pool2d_with_indices", "avg_pool2d", "_adaptive_avg_pool2d"}
+#: aten's own normalisations (LayerNorm, BatchNorm at inference, GroupNorm, RMSNorm).
+_NORM = {"native_layer_norm", "native_batch_norm", "_native_batch_norm_legit_no_training",
+         "native_group_norm", "_fused_rms_norm", "rms_norm"}
+#: In-place writes of some entries: a state they write into gains the new values' bytes,
+#: not its whole size (a KV cache's new entries).
+_INDEXED_WRITES = {"index_copy_", "index_put_", "index_add_", "scatter_", "scatter_add_"}
 _SOFTMAX = {"_softmax", "_safe_softmax", "softmax", "_log_softmax"}
 _MEMORY = {"copy_", "clone", "cat", "stack", "index_copy", "index_copy_"}
 _CUSTOM: dict[str, OpKind] = {"ternary_matmul": "ternary_matmul", "rms_norm": "norm",
                               "attention": "attention", "hgrn_scan": "recurrence"}
-_MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul"}
-_LAYER = re.compile(r"^(layers\.\d+)")
+_MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution"}
+#: A block of a model: the shortest module path that ends in an index (`layers.3`,
+#: `model.layers.3`, `transformer.h.3`, `vit.encoder.layer.3`, `layer2.1`).
+_LAYER = re.compile(r"^((?:[^.]+\.)*?\d+)(?:\.|$)")
 
 
 def is_alias(func: Any) -> bool:
@@ -53,8 +64,10 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _layer(module: str) -> str:
+    """The block a module belongs to; outside the blocks, the module itself (its top-level
+    module for the head of a block list)."""
     match = _LAYER.match(module)
-    return match.group(1) if match else (module.split(".")[0] or "model")
+    return match.group(1) if match else (module or "model")
 
 
 def _kind(namespace: str, name: str) -> OpKind:
@@ -72,6 +85,8 @@ def _kind(namespace: str, name: str) -> OpKind:
         return "activation"
     if name in _MEMORY:
         return "memory"
+    if name in _NORM:
+        return "norm"
     return "elementwise"
 
 
@@ -86,6 +101,12 @@ def _work(kind: OpKind, name: str, args: tuple[Any, ...], ins: list[torch.Tensor
         x, packed, k = args[0], args[1], int(args[2])
         m, n = x.numel() // k, packed.shape[0]
         return m * n * k, {"m": m, "n": n, "k": k, "batch": 1, "parallel": n}
+    if kind == "matmul" and name == "convolution":  # an implicit GEMM, per group
+        x, w, groups = args[0], args[1], int(args[8])
+        out = outs[0]
+        m, n, k = out.numel() // out.shape[1], w.shape[0] // groups, math.prod(w.shape[1:])
+        dims = {"m": m, "n": n, "k": k, "batch": groups, "parallel": groups * n}
+        return 2 * groups * m * n * k, dims
     if kind == "matmul":
         a, b = ins[-2], ins[-1]
         batch = a.shape[0] if a.dim() == 3 else 1
@@ -96,10 +117,12 @@ def _work(kind: OpKind, name: str, args: tuple[Any, ...], ins: list[torch.Tensor
         q, k = ins[0], ins[1]
         b, h, sq, d = q.shape
         sk = k.shape[2]
-        causal = bool(args[3])
-        pairs = sum(min(sk, sk - sq + i + 1) for i in range(sq)) if causal else sq * sk
+        causal, window = bool(args[3]), int(args[4]) if len(args) > 4 else 0
+        pairs = attention_pairs(sq, sk, causal, window)
         dims = {"batch": b, "heads": h, "kv_heads": k.shape[1], "q_len": sq, "kv_len": sk,
                 "head_dim": d, "causal": int(causal), "pairs": pairs, "parallel": b * h}
+        if window:  # only where there is one, so other traces read as before
+            dims["window"] = window
         return 4 * b * h * d * pairs, dims
     largest = outs[0] if kind == "embedding" else max([*ins, *outs], key=lambda t: t.numel())
     numel = largest.numel()
@@ -125,6 +148,8 @@ class _Recorder(TorchDispatchMode):
     sizes: dict[int, int] = field(default_factory=dict)
     last_use: dict[int, int] = field(default_factory=dict)
     keep: list[torch.Tensor] = field(default_factory=list)
+    #: Inside a leaf module (a norm written as several ops): its inputs; ops not recorded.
+    leaf: list[Any] | None = None
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -138,6 +163,8 @@ class _Recorder(TorchDispatchMode):
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         self.keep.extend(outs)
+        if self.leaf is not None:
+            return out
         name, namespace = func.overloadpacket.__name__, func.namespace
         if is_alias(func):
             source = self._base(ins[0]) if ins else None
@@ -146,14 +173,23 @@ class _Recorder(TorchDispatchMode):
                     self.base[id(t)] = source
             return out
         if is_recorded(func, ins):
-            self._record(func, name, namespace, args, ins, outs)
+            mutated = {id(a) for a, spec in zip(args, func._schema.arguments, strict=False)
+                       if isinstance(a, torch.Tensor) and spec.alias_info
+                       and spec.alias_info.is_write}
+            self._record(name, namespace, args, ins, outs, mutated)
         return out
 
-    def _record(self, func: Any, name: str, namespace: str, args: tuple[Any, ...],
-                ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+    def enter_leaf(self, inputs: list[torch.Tensor]) -> None:
+        self.leaf = inputs
+
+    def leave_leaf(self, weights: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        """Record a leaf module's ops as one norm op, as a fused kernel runs it."""
+        ins, self.leaf = [*(self.leaf or []), *weights], None
+        self._record("rms_norm", "mmsim", (), ins, outs, set())
+
+    def _record(self, name: str, namespace: str, args: tuple[Any, ...],
+                ins: list[torch.Tensor], outs: list[torch.Tensor], mutated: set[int]) -> None:
         index = len(self.ops)
-        mutated = {id(a) for a, spec in zip(args, func._schema.arguments, strict=False)
-                   if isinstance(a, torch.Tensor) and spec.alias_info and spec.alias_info.is_write}
         kind = _kind(namespace, name)
         weight = state_read = state_write = act_in = act_out = 0
         deps: set[int] = set()
@@ -176,7 +212,9 @@ class _Recorder(TorchDispatchMode):
                 base = self._base(t)
                 self.base[id(t)] = base
                 if self.roles.get(base) == "state":
-                    state_write += _nbytes(t)
+                    values = [a for a in ins if id(a) not in mutated and a.is_floating_point()]
+                    written = values[-1] if name in _INDEXED_WRITES and values else t
+                    state_write += _nbytes(written)
                 else:
                     act_out += _nbytes(t)
                 self.producer[base] = index
@@ -209,8 +247,10 @@ class _Recorder(TorchDispatchMode):
         return peak
 
 
-def _hook_paths(model: torch.nn.Module, recorder: _Recorder) -> list[Any]:
-    """Keep `recorder.modules` as the stack of module paths being run (hooks return None)."""
+def _hook_paths(model: torch.nn.Module, recorder: _Recorder,
+                leaves: frozenset[str] = frozenset()) -> list[Any]:
+    """Keep `recorder.modules` as the stack of module paths being run (hooks return None);
+    the modules at `leaves` are recorded as one norm op each."""
 
     def enter(path: str) -> Any:
         return lambda _module, _args: recorder.modules.append(path) and None
@@ -218,37 +258,47 @@ def _hook_paths(model: torch.nn.Module, recorder: _Recorder) -> list[Any]:
     def leave(_module: Any, _args: Any, _out: Any) -> None:
         recorder.modules.pop()
 
+    def enter_leaf(_module: Any, args: Any) -> None:
+        recorder.enter_leaf([t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)])
+
+    def leave_leaf(module: torch.nn.Module, _args: Any, out: Any) -> None:
+        recorder.leave_leaf(list(module.parameters()),
+                            [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)])
+
     handles = []
     for path, module in model.named_modules():
         if path:
             handles.append(module.register_forward_pre_hook(enter(path)))
+            if path in leaves:
+                handles.append(module.register_forward_pre_hook(enter_leaf))
+                handles.append(module.register_forward_hook(leave_leaf))
             handles.append(module.register_forward_hook(leave))
     return handles
 
 
-def capture(cfg: ModelConfig, phase: Phase, batch: int, context: int, prompt: int) -> Trace:
+def capture(cfg: AnyModel, phase: Phase, batch: int, context: int, prompt: int) -> Trace:
     """Run one step of `cfg` on the meta device and record it.
 
     decode: `batch` sequences, one new token each, after `context` tokens of state.
     prefill: `batch` sequences of `prompt` tokens from an empty state.
+    forward: one pass of an encoder or vision model over a batch of `batch` inputs.
     """
-    model = build_model(cfg)
-    tokens, position = (1, context) if phase == "decode" else (prompt, 0)
-    ids, state = make_inputs(cfg, batch, tokens, position)
-    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    step = prepare(cfg, phase, batch, context, prompt)
+    unique = {id(t): t for t in [*step.model.parameters(), *step.model.buffers()]}
     roles = dict.fromkeys(unique, "weight")
-    roles.update(dict.fromkeys((id(t) for t in state.tensors()), "state"))
+    roles.update(dict.fromkeys((id(t) for t in step.state), "state"))
     recorder = _Recorder(roles=roles)
-    handles = _hook_paths(model, recorder)
+    handles = _hook_paths(step.model, recorder, step.leaves)
     try:
         with torch.no_grad(), recorder:
-            model(ids, state)
+            step.run()
     finally:
         for handle in handles:
             handle.remove()
     return Trace(
         model=cfg.name, model_key=cfg.key(), phase=phase, batch=batch,
         context=context if phase == "decode" else 0, prompt=prompt if phase == "prefill" else 0,
-        tokens=batch * tokens, weights_bytes=sum(_nbytes(t) for t in unique.values()),
-        state_bytes=sum(_nbytes(t) for t in state.tensors()),
-        activation_bytes=recorder.peak_activation_bytes(), ops=tuple(recorder.ops))
+        tokens=step.tokens, weights_bytes=sum(_nbytes(t) for t in unique.values()),
+        state_bytes=sum(_nbytes(t) for t in step.state),
+        activation_bytes=recorder.peak_activation_bytes(), ops=tuple(recorder.ops),
+        expert_tokens=tuple(tuple(counts) for counts in step.expert_tokens))

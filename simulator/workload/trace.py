@@ -12,7 +12,7 @@ from typing import Literal
 
 OpKind = Literal["matmul", "ternary_matmul", "attention", "norm", "recurrence", "softmax",
                  "reduction", "activation", "elementwise", "embedding", "memory"]
-Phase = Literal["decode", "prefill"]
+Phase = Literal["decode", "prefill", "forward"]
 #: Op kinds that run on a matrix or ternary unit; all others run on a vector unit.
 MATRIX_KINDS = frozenset({"matmul", "ternary_matmul", "attention"})
 FORMAT_VERSION = 1
@@ -55,7 +55,8 @@ class Op:
 
 @dataclass(frozen=True)
 class Trace:
-    """The ops of one step (a decode step or a whole prefill) of one model."""
+    """The ops of one step (a decode step, a whole prefill, or an encoder's forward pass)
+    of one model."""
 
     model: str
     model_key: str
@@ -68,6 +69,8 @@ class Trace:
     state_bytes: int
     activation_bytes: int
     ops: tuple[Op, ...] = field(default_factory=tuple)
+    #: MoE models: tokens each expert got, per MoE block (the routing policy's counts).
+    expert_tokens: tuple[tuple[int, ...], ...] = ()
 
     def layers(self) -> list[str]:
         """Layer names in model order (first appearance)."""
@@ -84,7 +87,8 @@ class Trace:
         if data.pop("format", None) != FORMAT_VERSION:
             raise ValueError("trace format version mismatch")
         ops = tuple(Op(**{**op, "deps": tuple(op["deps"])}) for op in data.pop("ops"))
-        return cls(**data, ops=ops)
+        experts = tuple(tuple(row) for row in data.pop("expert_tokens", ()))
+        return cls(**data, ops=ops, expert_tokens=experts)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json(), encoding="utf-8")
