@@ -5,9 +5,21 @@
     >>> result.tokens_per_s, result.power_w
 """
 
-from simulator.api import simulate
-from simulator.errors import UserError
-from simulator.hardware import Hardware, load_hardware
-from simulator.report import Result
+from __future__ import annotations
 
+from importlib import import_module
+from typing import Any
+
+#: The public names, each imported from its module on first use: `import simulator.cli`
+#: (every command) does not load the engine, and `workloads` may import `simulator.errors`
+#: first without a cycle.
+_EXPORTS = {"simulate": "simulator.api", "UserError": "simulator.errors",
+            "Hardware": "simulator.hardware", "load_hardware": "simulator.hardware",
+            "Result": "simulator.report"}
 __all__ = ["Hardware", "Result", "UserError", "load_hardware", "simulate"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'simulator' has no attribute {name!r}")

@@ -39,6 +39,19 @@ def _check_shape(phase: str, batch: int, context: int, prompt: int) -> None:
             raise UserError(flag, f"expected a whole number from {low} to {high}, not {value!r}")
 
 
+def step_shape(cfg: AnyModel, phase: str, batch: int, context: int | None,
+               prompt: int | None) -> tuple[int, int]:
+    """The (context, prompt) a step of `cfg` runs with, checked: None takes the default,
+    2048 or as many as the model's positions allow; the one the phase does not use is 0."""
+    limit = cfg.position_limit
+    if context is None:
+        context = DEFAULT_CONTEXT if limit is None else min(DEFAULT_CONTEXT, limit - 1)
+    if prompt is None:
+        prompt = DEFAULT_PROMPT if limit is None else min(DEFAULT_PROMPT, limit)
+    _check_shape(phase, batch, context, prompt)
+    return (context if phase == "decode" else 0), (prompt if phase == "prefill" else 0)
+
+
 def _check_fits(hw: Hardware, trace: Trace) -> None:
     need = trace.weights_bytes + trace.state_bytes + trace.activation_bytes
     have = hw.memory.dram.capacity
@@ -95,14 +108,8 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase =
     machine = hw if isinstance(hw, Hardware) else load_hardware(hw, hw_set)
     machine = with_runtime(machine, runtime)
     cfg = resolve_model(model, model_set, moe_routing) if isinstance(model, str) else model
-    limit = cfg.position_limit  # defaults within a short-context model's positions
-    if context is None:
-        context = DEFAULT_CONTEXT if limit is None else min(DEFAULT_CONTEXT, limit - 1)
-    if prompt is None:
-        prompt = DEFAULT_PROMPT if limit is None else min(DEFAULT_PROMPT, limit)
-    _check_shape(phase, batch, context, prompt)
-    trace = get_trace(cfg, phase, batch, context if phase == "decode" else 0,
-                      prompt if phase == "prefill" else 0, use_cache=use_cache)
+    context, prompt = step_shape(cfg, phase, batch, context, prompt)
+    trace = get_trace(cfg, phase, batch, context, prompt, use_cache=use_cache)
     result, _, timeline = run_trace(machine, trace, mapping, granularity,
                                     record=trace_file is not None)
     if trace_file is not None:

@@ -180,18 +180,15 @@ def _trace(argv: Sequence[str]) -> int:
     _add_model(parser)
     parser.add_argument("-o", "--output", required=True, help="file to write")
     args = parser.parse_args(argv)
-    from simulator.api import DEFAULT_CONTEXT, DEFAULT_PROMPT, _check_shape
+    from simulator.api import step_shape
     from simulator.files import write_atomic
     from simulator.workload.cache import get_trace
     from workloads.config import resolve_model
 
-    context = DEFAULT_CONTEXT if args.context is None else args.context
-    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
-    _check_shape(args.phase, args.batch, context, prompt)
     cfg = resolve_model(args.model, _pairs(args.model_set, "--model-set", False),
                         args.moe_routing)
-    trace = get_trace(cfg, args.phase, args.batch, context if args.phase == "decode" else 0,
-                      prompt if args.phase == "prefill" else 0)
+    trace = get_trace(cfg, args.phase, args.batch,
+                      *step_shape(cfg, args.phase, args.batch, args.context, args.prompt))
     write_atomic(args.output, trace.to_json(), "-o")
     print(f"{len(trace.ops)} ops of {trace.model} ({trace.phase}) written to {args.output}")
     return 0

@@ -4,14 +4,21 @@ Every quantity a user writes ("60 MHz", "19.2 GB/s", "32 GiB", "0.9 pJ", "4 cycl
 is parsed by pint, checked for dimension and converted to a plain float in SI base
 units (Hz, bytes/s, bytes, seconds, joules, watts). Cycles are a dimension of their
 own, so a latency can be given either in time or in cycles of the owning clock.
+
+pint's answers are remembered on disk (`units.json` in the user cache, beside the
+traces): building the registry costs a third of a second, so a run whose quantities were
+all read before neither imports pint nor builds it. The values are pint's own, bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-from functools import lru_cache
-
-import pint
+import os
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
 
 #: The units a hardware description needs, with SI and binary prefixes. pint's default
 #: registry (1,000 definitions) takes 0.6 s to build; it also ships `bit = []`
@@ -49,10 +56,53 @@ joule = [energy] = J
 watt = joule / second = W
 watt_hour = watt * hour = Wh
 """
-_REGISTRY = pint.UnitRegistry(None)
-for _line in _DEFINITIONS.strip().splitlines():
-    _REGISTRY.define(_line)
-_REGISTRY._build_cache()
+#: Remembered answers at most (a fuzz run must not grow the file without bound).
+MEMO_SIZE = 4096
+
+
+@cache
+def _registry() -> Any:
+    """pint's registry of the units above (imports pint: only when a quantity is new)."""
+    import pint
+
+    registry = pint.UnitRegistry(None)
+    for line in _DEFINITIONS.strip().splitlines():
+        registry.define(line)
+    registry._build_cache()
+    return registry
+
+
+def memo_path() -> Path:
+    from platformdirs import user_cache_dir
+
+    root = os.environ.get("SIMULATE_CACHE_DIR") or user_cache_dir("llm-hwsim")
+    return Path(root) / "units.json"
+
+
+@cache
+def _memo() -> dict[str, float | str]:
+    """pint's earlier answers ({"dimension|text": value, or the UnitError's message});
+    empty if unreadable."""
+    try:
+        data = json.loads(memo_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items()
+            if isinstance(v, str) or (isinstance(v, float) and math.isfinite(v))}
+
+
+def _remember(key: str, value: float | str) -> None:
+    memo = _memo()
+    if len(memo) >= MEMO_SIZE:
+        return
+    memo[key] = value
+    from simulator.errors import UserError
+    from simulator.files import write_atomic
+
+    with contextlib.suppress(UserError, OSError):  # an unwritable cache only costs speed
+        write_atomic(memo_path(), json.dumps(memo, sort_keys=True), "cache", make_parents=True)
 
 #: name → (pint unit the value is converted to, example shown in errors)
 DIMENSIONS: dict[str, tuple[str, str]] = {
@@ -83,9 +133,27 @@ def parse(text: str | int | float, dimension: str) -> float:
 
 @lru_cache(maxsize=4096)
 def _parse_text(text: str, dimension: str) -> float:
+    key = f"{dimension}|{text.strip()}"
+    known = _memo().get(key)
+    if isinstance(known, str):
+        raise UnitError(known)
+    if known is not None:
+        return known
+    try:
+        value = _parse_with_pint(text, dimension)
+    except UnitError as exc:
+        _remember(key, str(exc))
+        raise
+    _remember(key, value)
+    return value
+
+
+def _parse_with_pint(text: str, dimension: str) -> float:
+    import pint
+
     unit, example = DIMENSIONS[dimension]
     try:
-        quantity = _REGISTRY.Quantity(text.strip())
+        quantity = _registry().Quantity(text.strip())
     except Exception as exc:  # pint raises many types for unparsable input
         raise UnitError(f"cannot read '{text}' as a {dimension}, e.g. '{example}'") from exc
     if not isinstance(quantity, pint.Quantity) or quantity.unitless:

@@ -275,3 +275,30 @@ def test_python_form_refuses_what_it_cannot_run() -> None:
             resolve_model(spec)
     with pytest.raises(UserError, match="--model-set"):
         resolve_model("python:workloads.resnet:resnet50", {"hidden_size": "4"})
+
+
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_hf_llama_and_our_llama_builder_trace_the_same_work(phase: str) -> None:
+    """Llama-3-8B at two layers, by transformers and by workloads/llama.py: the same GEMMs,
+    attention, parameters, KV cache and KV writes, and a latency within 5 %."""
+    from workloads.config import catalog
+
+    fields = {k: v for k, v in catalog()["llama3-8b"].data().items() if k != "model_type"}
+    fields["num_hidden_layers"] = 2
+    ours = resolve_model("llama3-8b", {"num_hidden_layers": "2"})
+    theirs = HFConfig(model_type="llama", fields=fields, torch_dtype="bfloat16", name="hf")
+    assert theirs.param_count == ours.param_count
+    a, b = (_trace(cfg, phase, batch=2, context=300, prompt=128) for cfg in (ours, theirs))
+
+    def work(trace, kind: str) -> list[int]:
+        return sorted(op.ops for op in trace.ops if op.kind == kind)
+
+    assert work(a, "matmul") == work(b, "matmul")
+    assert [op.dims["pairs"] for op in a.ops if op.kind == "attention"] == [
+        op.dims["pairs"] for op in b.ops if op.kind == "attention"]
+    assert a.state_bytes == b.state_bytes
+    assert sum(op.state_write_bytes for op in a.ops) == sum(op.state_write_bytes for op in b.ops)
+    assert len(work(a, "norm")) == len(work(b, "norm"))
+    kwargs = {"phase": phase, "batch": 2, "context": 300, "prompt": 128}
+    mine, hf = (simulate("gpu_a100.yaml", cfg, **kwargs).latency_s for cfg in (ours, theirs))
+    assert hf == pytest.approx(mine, rel=0.05)

@@ -76,3 +76,32 @@ def test_mixtral_decode_balanced_experts_are_two_of_eight() -> None:
     d, i = 4096, 14336
     assert sum(op.ops for op in experts) == 2 * 4 * 2 * 3 * d * i  # top-2 of 8, 4 tokens
     assert result.expert_imbalance == 1.0
+
+
+#: Dense decoders of the catalog (our llama builder included) for the 2·N·T check.
+DENSE = ["llama3-8b", "mistral-7b", "qwen2-7b", "gemma2-9b", "phi3-mini", "gpt2-xl",
+         "gpt-j-6b", "opt-1.3b"]
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_prefill_gemm_flops_are_two_n_t(name: str) -> None:
+    """GEMM FLOPs of a 128-token prefill within 2 % of 2·N·T, N the parameters every token
+    is multiplied by: all but the input embeddings (token and position tables), the LM head
+    counted once whether tied or not. Attention's own FLOPs are its op's, not in the sum."""
+    from simulator.workload.cache import get_trace
+
+    full = resolve_model(name)
+    cfg = resolve_model(name, _depth(full) if isinstance(full, HFConfig)
+                        else {"num_hidden_layers": "2"})
+    trace = get_trace(cfg, "prefill", 1, 0, 128)
+    c = cfg.config if isinstance(cfg, HFConfig) else {}
+    d, v = cfg.hidden_size, cfg.vocab_size
+    embeddings = v * d + (c["n_positions"] * d if cfg.model_type == "gpt2" else 0)
+    if cfg.model_type == "opt":
+        embeddings = v * c["word_embed_proj_dim"] + (c["max_position_embeddings"] + 2) * d
+    head = v * (c.get("word_embed_proj_dim") or d)
+    n = cfg.param_count - embeddings - (0 if cfg.tie_word_embeddings else head) + head
+    if cfg.model_type == "gptj":
+        n -= v  # the head's bias is added, not multiplied
+    gemm = sum(op.ops for op in trace.ops if op.kind == "matmul")
+    assert gemm == pytest.approx(2 * n * 128, rel=0.02)

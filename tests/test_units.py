@@ -48,3 +48,49 @@ def test_rejects_bare_numbers_and_other_types(value: object) -> None:
 def test_prefixes_scale_exactly(value: float) -> None:
     assert parse(f"{value} GB/s", "bandwidth") == pytest.approx(value * 1e9)
     assert parse(f"{value} MHz", "frequency") == pytest.approx(value * 1e6)
+
+
+def test_remembered_answers_are_pints_own(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from simulator import units
+
+    monkeypatch.setenv("SIMULATE_CACHE_DIR", str(tmp_path))
+    units._memo.cache_clear()
+    units._parse_text.cache_clear()
+    texts = [("1.41 GHz", "frequency"), ("19.2 GB/s", "bandwidth"), ("0.9 pJ", "energy"),
+             ("4 cycle", "cycles")]
+    first = [parse(text, dimension) for text, dimension in texts]
+    with pytest.raises(UnitError, match="is not a time"):
+        parse("4 cycle", "time")
+    memo = json.loads((tmp_path / "units.json").read_text())
+    assert [memo[f"{d}|{t}"] for t, d in texts] == first
+    assert first == [units._parse_with_pint(t, d) for t, d in texts]  # bit for bit
+    units._memo.cache_clear()
+    units._parse_text.cache_clear()
+    with pytest.raises(UnitError, match="is not a time"):  # a remembered refusal
+        parse("4 cycle", "time")
+    (tmp_path / "units.json").write_text("{not json")
+    units._memo.cache_clear()
+    units._parse_text.cache_clear()
+    assert parse("1.41 GHz", "frequency") == first[0]
+    units._memo.cache_clear()
+    units._parse_text.cache_clear()
+
+
+def test_a_repeated_run_imports_neither_pint_torch_transformers_nor_pandas(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys; from simulator.cli import main; main(sys.argv[1:]); "
+             "heavy = {'pint', 'torch', 'transformers', 'pandas', 'dask'} & set(sys.modules); "
+             "assert not heavy, heavy")
+    env = {**os.environ, "SIMULATE_CACHE_DIR": str(tmp_path)}
+    for argv in (["--hw", "fpga_8core.yaml", "--model", "tiny"],
+                 ["op", "gemm", "--hw", "gpu_a100.yaml", "--m", "64", "--n", "64", "--k", "64"]):
+        subprocess.run([sys.executable, "-c", probe.replace("assert", "0 and"), *argv],
+                       env=env, check=True, capture_output=True, timeout=300)  # fills caches
+        done = subprocess.run([sys.executable, "-c", probe, *argv], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-500:]

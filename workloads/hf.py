@@ -26,8 +26,9 @@ from workloads.build import Step
 from workloads.hf_config import HFConfig, experts_per_token, moe_layers
 
 IMPLEMENTATION = "mmsim"
-#: Per experts module: (routing, MoE block number, top-k, the counts it used).
-_ROUTED: dict[int, tuple[HFConfig, int, int, list[list[int]]]] = {}
+#: The attribute an experts module carries its routing in: (config, MoE block number,
+#: top-k, the list its counts are appended to).
+ROUTE = "_mmsim_route"
 
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -45,7 +46,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
 def _experts(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
              top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' experts interface: each active expert's GEMMs on its routed tokens."""
-    cfg, block, top_k, used = _ROUTED[id(self)]
+    cfg, block, top_k, used = getattr(self, ROUTE)
     counts = cfg.routing.counts(block, hidden.shape[0], self.num_experts, top_k)
     used.append(counts)
     out = torch.zeros_like(hidden)
@@ -86,15 +87,22 @@ def hf_config(cfg: HFConfig) -> Any:
 
 
 def build_hf(cfg: HFConfig) -> nn.Module:
-    """The model of `cfg` on meta, in its dtype, in eval mode."""
+    """The model of `cfg` on meta, in its dtype, in eval mode (transformers' advice about
+    generation settings, e.g. a pad token id, is not printed: it changes no cost)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
+    from transformers.utils import logging
 
     _register()
     auto = {"causal": AutoModelForCausalLM, "vision": AutoModelForImageClassification,
             "clip": AutoModel}[cfg.task]
-    with torch.device("meta"):
-        model = auto.from_config(hf_config(cfg), attn_implementation=IMPLEMENTATION,
-                                 dtype=getattr(torch, cfg.torch_dtype))
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(hf_config(cfg), attn_implementation=IMPLEMENTATION,
+                                     dtype=getattr(torch, cfg.torch_dtype))
+    finally:
+        logging.set_verbosity(verbosity)
     return model.eval()
 
 
@@ -118,7 +126,7 @@ def _route(cfg: HFConfig, model: nn.Module) -> list[list[int]]:
         if module.has_bias or module.is_transposed or not module.is_concatenated:
             raise UserError(cfg.name, "experts with biases or transposed weights are not "
                             "modelled")
-        _ROUTED[id(module)] = (cfg, number, experts_per_token(cfg), used)
+        setattr(module, ROUTE, (cfg, number, experts_per_token(cfg), used))
     return used
 
 

@@ -100,34 +100,28 @@ def merged(schema: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_names(model: str, model_type: str, fields: dict[str, Any], where: str = "") -> None:
-    """UserError for a field the config class of `model_type` does not take."""
+def check_names(model: str, model_type: str, fields: dict[str, Any]) -> None:
+    """UserError for a field the config class of `model_type` (or a sub-config of it) does
+    not take, with the nearest name it does."""
+    _check_names(model, model_type, _schema()[model_type], fields, "")
+
+
+def _check_names(model: str, model_type: str, schema: dict[str, Any], fields: dict[str, Any],
+                 where: str) -> None:
     import difflib
 
-    schema = _schema()[model_type]
     known = {*schema["defaults"], *schema["aliases"], *schema["sub_configs"], *GENERAL_FIELDS}
     for key, value in fields.items():
         if key == "attention_bias" and key not in schema["defaults"] and value:
             raise UserError(f"{model}: {where}{key}", f"a bias on {model_type}'s attention "
                             "projections is not modelled; expected false")
         if key in schema["sub_configs"] and isinstance(value, dict):
-            _check_sub(model, schema["sub_configs"][key], value, f"{where}{key}.")
+            _check_names(model, model_type, schema["sub_configs"][key], value, f"{where}{key}.")
         elif key not in known:
             near = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
             raise UserError(f"{model}: {where}{key}",
                             f"unknown field for model_type {model_type}{hint}")
-
-
-def _check_sub(model: str, schema: dict[str, Any], fields: dict[str, Any], where: str) -> None:
-    import difflib
-
-    known = {*schema["defaults"], *schema["aliases"], *GENERAL_FIELDS}
-    for key in fields:
-        if key not in known:
-            near = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {near[0]}?" if near else ""
-            raise UserError(f"{model}: {where}{key}", f"unknown field{hint}")
 
 
 def _int(cfg: dict[str, Any], key: str, model: str, low: int = 1) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -32,11 +33,9 @@ class ModuleModel(BaseModel):
     source_sha256: str
     name: str = ""
 
-    model_type: str = "python"
-    param_count: None = None
-    position_limit: None = None
-    torch_dtype: str = "—"
-    tie_word_embeddings: bool = False
+    #: What `simulate list` and the step checks read (a module is sized only when built).
+    model_type: ClassVar[str] = "python"
+    position_limit: ClassVar[None] = None
 
     def key(self) -> str:
         return json.dumps(self.model_dump(), sort_keys=True)

@@ -78,11 +78,15 @@ def _decode(data: bytes, shown: str) -> str:
 def parse_yaml(text: str, shown: str) -> tuple[Any, yaml.Node | None]:
     """Safe-load `text`, returning the data and its node tree (for line numbers)."""
     with yaml_errors(shown):
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None and _count_nodes(node, MAX_NODES) > MAX_NODES:
-            raise UserError(shown, f"expands to more than {MAX_NODES} YAML nodes "
-                                   "(aliases nested too deep)")
-        data = yaml.load(text, Loader=UniqueKeyLoader)
+        loader = UniqueKeyLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _count_nodes(node, MAX_NODES) > MAX_NODES:
+                raise UserError(shown, f"expands to more than {MAX_NODES} YAML nodes "
+                                       "(aliases nested too deep)")
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     return data, node
 
 
