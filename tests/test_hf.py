@@ -4,11 +4,14 @@ MoE routing policies, vision models and the python: form."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import simulator  # noqa: F401  (imports simulator before workloads, as the CLI does)
 from simulator.api import simulate
@@ -302,3 +305,57 @@ def test_hf_llama_and_our_llama_builder_trace_the_same_work(phase: str) -> None:
     kwargs = {"phase": phase, "batch": 2, "context": 300, "prompt": 128}
     mine, hf = (simulate("gpu_a100.yaml", cfg, **kwargs).latency_s for cfg in (ours, theirs))
     assert hf == pytest.approx(mine, rel=0.05)
+
+
+def test_bad_values_are_one_line_refusals(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from cli_helpers import refused
+
+    path = _file(tmp_path, "mistral")
+    base = ["--hw", "gpu_a100.yaml", "--model", path, "--context", "8"]
+    for setting, fragment in (("intermediate_size=-5", "expected a whole number ≥ 1"),
+                              ("intermediate_size=wide", "expected a whole number ≥ 1"),
+                              ("sliding_window=0", "expected a whole number ≥ 1"),
+                              ("tie_word_embeddings=3", "expected true or false"),
+                              ("rope_theta=abc", "expected a number"),
+                              ("hidden_act=nonsense", "transformers cannot build it")):
+        refused(capsys, [*base, "--model-set", setting], setting.split("=")[0], fragment)
+
+
+_VALUES = st.one_of(st.integers(-3, 1 << 20), st.sampled_from([0, 1, 2, 3, 7, 64, None]),
+                    st.floats(allow_nan=True), st.text(max_size=4), st.booleans())
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(["mistral", "mixtral", "gpt2", "opt"]),
+       field=st.sampled_from(["hidden_size", "intermediate_size", "num_attention_heads",
+                              "num_key_value_heads", "head_dim", "sliding_window",
+                              "num_local_experts", "num_experts_per_tok", "n_embd", "n_head",
+                              "ffn_dim", "vocab_size", "max_position_embeddings"]),
+       value=_VALUES)
+def test_fuzzed_hf_configs_run_or_are_refused_in_one_line(kind: str, field: str,
+                                                          value: Any) -> None:
+    import contextlib
+    import io
+
+    from simulator.cli import main
+
+    fields = {**TINY[kind], field: value}
+    with tempfile_json({"model_type": kind, **fields}) as path:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["--hw", "gpu_a100.yaml", "--model", path, "--context", "8",
+                         "--format", "json"])
+    lines = err.getvalue().strip().splitlines()
+    assert code == 0 or (code == 2 and len(lines) == 1 and lines[0].startswith(
+        "simulate: error: ")), err.getvalue()[-800:]
+
+
+@contextlib.contextmanager
+def tempfile_json(data: dict[str, Any]):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps(data, allow_nan=True))
+        yield str(path)

@@ -18,7 +18,11 @@ HF = [name for name, entry in catalog().items()
 PUBLISHED = {"mistral-7b": 7.24, "mixtral-8x7b": 46.70, "qwen2-7b": 7.62, "gemma2-9b": 9.24,
              "phi3-mini": 3.82, "gpt2-xl": 1.558, "gpt-j-6b": 6.05, "opt-1.3b": 1.316,
              "opt-6.7b": 6.66, "vit-b-16": 0.0866, "clip-vit-b-16": 0.1496,
-             "qwen2-57b-a14b": 57.41, "qwen1.5-moe-a2.7b": 14.32}
+             "qwen2-57b-a14b": 57.41, "qwen1.5-moe-a2.7b": 14.32, "gpt2": 0.124,
+             "gpt2-medium": 0.355, "gpt2-large": 0.774}
+#: GPT-3 (Brown et al. 2020, Table 2.1, n_params as rounded there), in billions.
+GPT3 = {"gpt3-small": 0.125, "gpt3-medium": 0.350, "gpt3-large": 0.760, "gpt3-xl": 1.3,
+        "gpt3-2.7b": 2.7}
 TOO_BIG = {"mixtral-8x7b", "qwen2-57b-a14b"}
 
 
@@ -45,6 +49,11 @@ def test_every_entry_builds_traces_and_simulates(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_parameter_counts_match_the_published_sizes(name: str) -> None:
     assert resolve_model(name).param_count / 1e9 == pytest.approx(PUBLISHED[name], rel=0.005)
+
+
+@pytest.mark.parametrize("name", sorted(GPT3))
+def test_gpt3_sizes_match_the_papers_rounded_counts(name: str) -> None:
+    assert resolve_model(name).param_count / 1e9 == pytest.approx(GPT3[name], rel=0.02)
 
 
 def test_gpt2_small_has_124439808_parameters_with_tied_embeddings() -> None:

@@ -14,6 +14,8 @@ functions registered, so the trace sees:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -75,11 +77,8 @@ def hf_config(cfg: HFConfig) -> Any:
 
     fields = {k: v for k, v in cfg.fields.items() if k not in {"model_type", "torch_dtype",
                                                                  "dtype"}}
-    try:
+    with _refused(cfg, "configure"):
         config = AutoConfig.for_model(cfg.model_type, **fields)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise UserError(cfg.name, f"transformers refuses the config: "
-                        f"{str(exc).splitlines()[0]}") from None
     config._attn_implementation = IMPLEMENTATION
     if hasattr(config, "_experts_implementation"):
         config._experts_implementation = IMPLEMENTATION
@@ -98,12 +97,27 @@ def build_hf(cfg: HFConfig) -> nn.Module:
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _refused(cfg, "build"):
             model = auto.from_config(hf_config(cfg), attn_implementation=IMPLEMENTATION,
                                      dtype=getattr(torch, cfg.torch_dtype))
     finally:
         logging.set_verbosity(verbosity)
     return model.eval()
+
+
+@contextmanager
+def _refused(cfg: HFConfig, what: str) -> Iterator[None]:
+    """transformers' own refusal of a config (sizes that do not fit together) as one line."""
+    try:
+        yield
+    except Exception as exc:  # transformers raises many types (its dataclass checks among them)
+        if isinstance(exc, UserError):
+            raise
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()),
+                     type(exc).__name__)
+        raise UserError(cfg.name, f"transformers cannot {what} it on meta ({first}); "
+                        "expected a config it accepts (sizes that fit together, known "
+                        "activations)") from None
 
 
 def _leaves(model: nn.Module) -> frozenset[str]:
@@ -160,7 +174,11 @@ def hf_step(cfg: HFConfig, phase: str, batch: int, context: int, prompt: int) ->
         if cfg.task == "clip":
             length = cfg.config["text_config"]["max_position_embeddings"]
             inputs["input_ids"] = torch.zeros(batch, length, dtype=torch.long, device=meta)
-        return Step(model, lambda: model(**inputs), [], batch, leaves)
+        def forward() -> None:
+            with _refused(cfg, "run"):
+                model(**inputs)
+
+        return Step(model, forward, [], batch, leaves)
     tokens, position = (1, context) if phase == "decode" else (prompt, 0)
     cache = _cache(model, batch, position + tokens, position, dtype)
     used = _route(cfg, model)
@@ -170,6 +188,7 @@ def hf_step(cfg: HFConfig, phase: str, batch: int, context: int, prompt: int) ->
 
     def run() -> None:
         used.clear()
-        model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
+        with _refused(cfg, "run"):
+            model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
 
     return Step(model, run, state, batch * tokens, leaves, used)

@@ -9,6 +9,7 @@ here; transformers builds the model (`workloads.hf`).
 from __future__ import annotations
 
 import json
+import math
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -106,6 +107,40 @@ def check_names(model: str, model_type: str, fields: dict[str, Any]) -> None:
     _check_names(model, model_type, _schema()[model_type], fields, "")
 
 
+#: Example values of the general fields that size the model (their type is checked).
+LEGACY_TYPES: dict[str, Any] = {"rope_theta": 10000.0, "n_ctx": 1024, "sliding_window_size": 1,
+                                "rope_scaling": {}}
+#: Sizes whose class default is null (unset), positive when given.
+_OPTIONAL_SIZES = {"sliding_window", "head_dim", "num_key_value_heads", "n_inner",
+                   "intermediate_size", "rotary_dim", "word_embed_proj_dim",
+                   "max_window_layers", "num_experts", "num_local_experts"}
+
+
+def _check_value(model: str, key: str, value: Any, default: Any) -> None:
+    """A value of the type its class default has (sizes positive), so that transformers
+    builds what the config says rather than failing inside."""
+    where = f"{model}: {key}"
+    if value is None or key.endswith(("_token_id", "_token_ids")):
+        return
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(where, f"expected true or false, not {value!r}")
+    elif isinstance(default, int) or (default is None and key in _OPTIONAL_SIZES):
+        low = 1 if default is None or default >= 1 else 0
+        if not (number and isinstance(value, int)) or value < low:
+            raise UserError(where, f"expected a whole number ≥ {low}, not {value!r}")
+    elif isinstance(default, float):
+        if not number or not math.isfinite(value):
+            raise UserError(where, f"expected a number, not {value!r}")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise UserError(where, f"expected a text value like {default!r}, not {value!r}")
+    elif isinstance(default, list) and not isinstance(value, list):
+        raise UserError(where, f"expected a list, not {value!r}")
+    elif isinstance(default, dict) and not isinstance(value, dict):
+        raise UserError(where, f"expected a mapping, not {value!r}")
+
+
 def _check_names(model: str, model_type: str, schema: dict[str, Any], fields: dict[str, Any],
                  where: str) -> None:
     import difflib
@@ -122,6 +157,9 @@ def _check_names(model: str, model_type: str, schema: dict[str, Any], fields: di
             hint = f"; did you mean {near[0]}?" if near else ""
             raise UserError(f"{model}: {where}{key}",
                             f"unknown field for model_type {model_type}{hint}")
+        else:
+            default = schema["defaults"].get(key, LEGACY_TYPES.get(key))
+            _check_value(model, f"{where}{key}", value, default)
 
 
 def _int(cfg: dict[str, Any], key: str, model: str, low: int = 1) -> int:
@@ -262,6 +300,9 @@ def shape_of(model: HFConfig) -> Shape:
                      bool(cfg.get("tie_word_embeddings", True)))
     layers, hidden = _int(cfg, "num_hidden_layers", name), _int(cfg, "hidden_size", name)
     heads = _int(cfg, "num_attention_heads", name)
+    if (cfg.get("head_dim") or hidden // heads) < 1:
+        raise UserError(f"{name}: num_attention_heads", f"{heads} heads over hidden_size "
+                        f"{hidden} leave no head size; expected at most {hidden} (or head_dim)")
     if kind == "vit":
         return Shape(layers, hidden, heads, heads, 1, None, 0, False)
     kv = cfg.get("num_key_value_heads") or heads

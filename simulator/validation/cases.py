@@ -87,11 +87,13 @@ class Case(BaseModel):
     kernel: Kernel | None = None
     versus: Versus | None = None
     model_set: dict[str, Any] = Field(default_factory=dict)
-    phase: Literal["decode", "prefill"] = "decode"
+    phase: Literal["decode", "prefill", "forward"] = "decode"
     batch: int = 1
     context: int = 2048
     prompt: int = 2048
     mapping: Literal["tensor", "batch"] = "tensor"
+    #: the host runtime the measurement ran under (None: the hardware file's)
+    runtime: Literal["eager", "cuda_graphs"] | None = None
     metric: Metric
     reference: float
     source: str
@@ -246,11 +248,13 @@ def _host_transfer_s(case: Case) -> float:
 
 def _run(case: Case, model: str, model_set: dict[str, Any]) -> Result:
     key = json.dumps([case.hardware, case.hw_set, model, model_set, case.phase, case.batch,
-                      case.context, case.prompt, case.mapping], sort_keys=True, default=str)
+                      case.context, case.prompt, case.mapping, case.runtime], sort_keys=True,
+                     default=str)
     if key not in _RUNS:
         _RUNS[key] = simulate(case.hardware, model, phase=case.phase, batch=case.batch,
                               context=case.context, prompt=case.prompt, mapping=case.mapping,
-                              hw_set=case.hw_set, model_set=_strings(model_set))
+                              hw_set=case.hw_set, model_set=_strings(model_set),
+                              runtime=case.runtime)
     return _RUNS[key]
 
 
