@@ -39,17 +39,19 @@ def _check_shape(phase: str, batch: int, context: int, prompt: int) -> None:
             raise UserError(flag, f"expected a whole number from {low} to {high}, not {value!r}")
 
 
-def step_shape(cfg: AnyModel, phase: str, batch: int, context: int | None,
-               prompt: int | None) -> tuple[int, int]:
-    """The (context, prompt) a step of `cfg` runs with, checked: None takes the default,
-    2048 or as many as the model's positions allow; the one the phase does not use is 0."""
+def step_shape(cfg: AnyModel, phase: str | None, batch: int, context: int | None,
+               prompt: int | None) -> tuple[str, int, int]:
+    """The (phase, context, prompt) a step of `cfg` runs with, checked. None takes the
+    default: decode for a causal LM, forward for an encoder; a context and prompt of 2048 or
+    as many as the model's positions allow. The one the phase does not use is 0."""
+    phase = cfg.phases[0] if phase is None else phase
     limit = cfg.position_limit
     if context is None:
         context = DEFAULT_CONTEXT if limit is None else min(DEFAULT_CONTEXT, limit - 1)
     if prompt is None:
         prompt = DEFAULT_PROMPT if limit is None else min(DEFAULT_PROMPT, limit)
     _check_shape(phase, batch, context, prompt)
-    return (context if phase == "decode" else 0), (prompt if phase == "prefill" else 0)
+    return phase, (context if phase == "decode" else 0), (prompt if phase == "prefill" else 0)
 
 
 def _check_fits(hw: Hardware, trace: Trace) -> None:
@@ -59,9 +61,10 @@ def _check_fits(hw: Hardware, trace: Trace) -> None:
         gib = 1 << 30
         raise Infeasible(
             "--model",
-            f"{trace.model} needs {need / gib:.2f} GiB (weights {trace.weights_bytes / gib:.2f}, "
-            f"state {trace.state_bytes / gib:.2f}, activations {trace.activation_bytes / gib:.2f})"
-            f" but {hw.name} has {have / gib:.2f} GiB (memory.dram.capacity)")
+            f"{trace.model} does not fit: needs {need / gib:.2f} GiB (weights "
+            f"{trace.weights_bytes / gib:.2f}, state {trace.state_bytes / gib:.2f}, activations "
+            f"{trace.activation_bytes / gib:.2f}) but {hw.name} has {have / gib:.2f} GiB "
+            "(memory.dram.capacity)")
 
 
 def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
@@ -87,7 +90,7 @@ def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
         tasks, timeline
 
 
-def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase = "decode",
+def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase | None = None,
              batch: int = 1, context: int | None = None, prompt: int | None = None,
              mapping: Mapping = "tensor", hw_set: MappingType[str, Any] | None = None,
              model_set: MappingType[str, str] | None = None,
@@ -96,9 +99,10 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase =
              runtime: Runtime | None = None, moe_routing: str | None = None) -> Result:
     """Simulate one step of `model` on `hw`.
 
-    decode: one new token for each of `batch` sequences after `context` tokens;
+    decode (a causal LM's default): one new token for each of `batch` sequences after
+    `context` tokens;
     prefill: `batch` prompts of `prompt` tokens (both by default 2048, or as many as the
-    model's positions allow); forward: one pass of an encoder over `batch` inputs.
+    model's positions allow); forward (an encoder's default): one pass over `batch` inputs.
     `hw_set` overrides dotted YAML paths (values with units, e.g. {"clock": "54 MHz"});
     `model_set` overrides config fields; `moe_routing` is an MoE model's routing policy.
     `trace_file` receives a Chrome/Perfetto timeline of the run; `plot_dir` the per-layer
@@ -108,7 +112,7 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase =
     machine = hw if isinstance(hw, Hardware) else load_hardware(hw, hw_set)
     machine = with_runtime(machine, runtime)
     cfg = resolve_model(model, model_set, moe_routing) if isinstance(model, str) else model
-    context, prompt = step_shape(cfg, phase, batch, context, prompt)
+    phase, context, prompt = step_shape(cfg, phase, batch, context, prompt)
     trace = get_trace(cfg, phase, batch, context, prompt, use_cache=use_cache)
     result, _, timeline = run_trace(machine, trace, mapping, granularity,
                                     record=trace_file is not None)

@@ -73,10 +73,10 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                              "config.json/YAML path, or python:module:factory (an nn.Module)")
     parser.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. torch_dtype=float32")
-    parser.add_argument("--phase", default="decode", choices=("decode", "prefill", "forward"),
-                        help="one new token per sequence (decode, default), the whole "
-                             "prompt (prefill), or one pass of an encoder or vision model "
-                             "(forward)")
+    parser.add_argument("--phase", default=None, choices=("decode", "prefill", "forward"),
+                        help="one new token per sequence (decode, a causal LM's default), "
+                             "the whole prompt (prefill), or one pass of an encoder or vision "
+                             "model (forward, its default)")
     parser.add_argument("--batch", type=int, default=1,
                         help="sequences, or images for a vision model (default 1)")
     parser.add_argument("--moe-routing", default=None, metavar="POLICY",
@@ -187,8 +187,8 @@ def _trace(argv: Sequence[str]) -> int:
 
     cfg = resolve_model(args.model, _pairs(args.model_set, "--model-set", False),
                         args.moe_routing)
-    trace = get_trace(cfg, args.phase, args.batch,
-                      *step_shape(cfg, args.phase, args.batch, args.context, args.prompt))
+    phase, context, prompt = step_shape(cfg, args.phase, args.batch, args.context, args.prompt)
+    trace = get_trace(cfg, phase, args.batch, context, prompt)
     write_atomic(args.output, trace.to_json(), "-o")
     print(f"{len(trace.ops)} ops of {trace.model} ({trace.phase}) written to {args.output}")
     return 0

@@ -39,14 +39,18 @@ def _shares(shares: dict[str, float]) -> str:
     return "  ".join(f"{track} {share:.1%}" for track, share in shares.items())
 
 
-def _rate(tokens_per_s: float) -> str:
-    return (f"{tokens_per_s:,.0f}" if tokens_per_s >= 1e4 else f"{tokens_per_s:.4g}") + " tokens/s"
+def _rate(tokens_per_s: float, what: str = "tokens") -> str:
+    return (f"{tokens_per_s:,.0f}" if tokens_per_s >= 1e4 else f"{tokens_per_s:.4g}") + (
+        f" {what}/s")
 
 
 def _timing(result: Result) -> list[tuple[str, str]]:
     """Latency and throughput rows, each naming what it covers: at batch B a decode step
     makes B tokens (one per sequence) and a prefill runs all B prompts."""
     batch, latency = result.batch, _si(result.latency_s, "s")
+    if result.phase == "forward":  # an encoder's pass over a batch of inputs (images)
+        return [(f"forward latency ({batch} input{'s' if batch > 1 else ''})", latency),
+                ("throughput", _rate(result.tokens_per_s, "inputs"))]
     if result.phase == "decode":
         rows = [("latency per token (decode step)" if batch == 1
                  else f"step latency ({batch} tokens)", latency)]
@@ -66,8 +70,9 @@ def _timing(result: Result) -> list[tuple[str, str]]:
 def render(result: Result, console: Console | None = None) -> None:
     """Print the summary, memory footprint and per-layer breakdown."""
     console = console or Console()
-    shape = (f"batch {result.batch}, context {result.context}" if result.phase == "decode"
-             else f"batch {result.batch}, prompt {result.prompt}")
+    shape = {"decode": f"batch {result.batch}, context {result.context}",
+             "prefill": f"batch {result.batch}, prompt {result.prompt}"}.get(
+        result.phase, f"batch {result.batch}")
     summary = Table(title=f"{result.model} on {result.hardware}", box=box.SIMPLE_HEAD,
                     show_header=False, title_justify="left")
     summary.add_column(style="bold")
@@ -78,7 +83,8 @@ def render(result: Result, console: Console | None = None) -> None:
         ("runtime", _runtime(result.runtime)),
         *_timing(result),
         ("average power", _si(result.power_w, "W")),
-        ("energy per token", _si(result.energy_per_token_j, "J")),
+        ("energy per input" if result.phase == "forward" else "energy per token",
+         _si(result.energy_per_token_j, "J")),
         ("memory footprint", _bytes(result.memory_bytes)),
         ("  weights", _bytes(result.weights_bytes)),
         ("  state (KV cache / recurrent)", _bytes(result.state_bytes)),

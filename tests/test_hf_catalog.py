@@ -64,7 +64,7 @@ def test_gpt2_small_has_124439808_parameters_with_tied_embeddings() -> None:
 def test_models_larger_than_one_a100_are_refused_with_their_weights(name: str) -> None:
     cfg = resolve_model(name, {"num_hidden_layers": "2"})
     gib = resolve_model(name).param_count * 2 / (1 << 30)
-    with pytest.raises(UserError, match=r"needs") as err:
+    with pytest.raises(UserError, match=r"does not fit: needs") as err:
         simulate(A100, name, context=256)
     assert f"weights {gib:.2f}" in str(err.value)
     assert simulate(A100, cfg, context=256, hw_set={"memory.dram.capacity": "640 GB"})

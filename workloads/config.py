@@ -210,8 +210,17 @@ class ModelConfig(BaseModel):
         no position table), max_position_embeddings for llama."""
         return None if self.model_type == "hgrn_bit" else self.max_position_embeddings
 
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The steps a causal LM has (the first is the default)."""
+        return ("decode", "prefill")
+
     def check_positions(self, phase: str, context: int, prompt: int) -> None:
-        """Refuse a step that reaches past the model's positions (decode: context + 1)."""
+        """Refuse a phase the model has not, or a step that reaches past the model's
+        positions (decode: context + 1)."""
+        from workloads.hf_config import check_phase
+
+        check_phase(self.name, phase, self.phases)
         limit = self.position_limit
         flag, need = ("--context", context + 1) if phase == "decode" else ("--prompt", prompt)
         if limit is None or need <= limit:

@@ -36,12 +36,13 @@ class ModuleModel(BaseModel):
     #: What `simulate list` and the step checks read (a module is sized only when built).
     model_type: ClassVar[str] = "python"
     position_limit: ClassVar[None] = None
+    phases: ClassVar[tuple[str, ...]] = ("forward",)
 
     def key(self) -> str:
         return json.dumps(self.model_dump(), sort_keys=True)
 
     def check_positions(self, phase: str, context: int, prompt: int) -> None:
-        check_phase(self.name, phase, ("forward",))
+        check_phase(self.name, phase, self.phases)
 
 
 def resolve_module(spec: str) -> ModuleModel:
