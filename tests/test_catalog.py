@@ -216,7 +216,8 @@ def test_65b_and_70b_do_not_fit_one_a100_but_fit_eight(
     weights_gib = (cfg.param_count * cfg.dtype_bytes + _rope_bytes(cfg)) / (1 << 30)
     assert weights_gib > 120
     refused(capsys, ["--hw", A100, "--model", name, "--context", str(CONTEXT)], "--model",
-             f"{name} does not fit: needs", f"(weights {weights_gib:.2f},", "GiB", "memory.dram.capacity")
+             f"{name} does not fit: needs", f"(weights {weights_gib:.2f},", "GiB",
+             "memory.dram.capacity")
     result = simulate(A100, name, context=CONTEXT, hw_set={"memory.dram.capacity": "640 GB"},
                       model_set={"num_hidden_layers": "2"})
     assert result.tokens_per_s > 0
