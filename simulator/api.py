@@ -111,7 +111,14 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
     """
     machine = hw if isinstance(hw, Hardware) else load_hardware(hw, hw_set)
     machine = with_runtime(machine, runtime)
-    cfg = resolve_model(model, model_set, moe_routing) if isinstance(model, str) else model
+    if isinstance(model, str):
+        cfg = resolve_model(model, model_set, moe_routing)
+    elif model_set or moe_routing is not None:
+        raise UserError("--model-set" if model_set else "--moe-routing", "a model given as a "
+                        "config object is used as it is; expected its fields set in it, or "
+                        "the model by name")
+    else:
+        cfg = model
     phase, context, prompt = step_shape(cfg, phase, batch, context, prompt)
     trace = get_trace(cfg, phase, batch, context, prompt, use_cache=use_cache)
     result, _, timeline = run_trace(machine, trace, mapping, granularity,

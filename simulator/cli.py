@@ -224,7 +224,7 @@ def _list(argv: Sequence[str]) -> int:
                          "tied" if cfg.tie_word_embeddings else "untied", cfg.num_hidden_layers,
                          cfg.hidden_size, f"{cfg.num_attention_heads}/{kv}", cfg.experts,
                          cfg.position_limit or "—", cfg.torch_dtype,
-                         entries[name].hf_id if name in entries else "—"))
+                         (entries[name].hf_id if name in entries else None) or "—"))
     print("aliases: ", ", ".join(f"{alias} = {name}" for alias, name in ALIASES.items()))
     print("Any catalog entry's HF id (any case) names it too; other models: --model "
           "path/to/config.json")

@@ -96,7 +96,7 @@ def render(result: Result, console: Console | None = None) -> None:
         ("  useful bytes / bandwidth", _shares(result.channel_useful_utilisation)),
     ]
     if result.expert_imbalance is not None:
-        rows.append(("expert load (busiest / mean)", f"{result.expert_imbalance:.2f}"))
+        rows.append(("expert load (busiest / ⌈mean⌉)", f"{result.expert_imbalance:.2f}"))
     for name, value in rows:
         summary.add_row(name, value)
     console.print(summary)

@@ -209,9 +209,23 @@ def test_routing_policies_are_reproducible_and_respect_top_k(tmp_path: Path) -> 
         assert max(counts) <= 100
     histogram = tmp_path / "h.json"
     histogram.write_text(json.dumps([[5, 1, 1, 1, 0, 0, 0, 0]]))
-    counts = parse_routing(f"file:{histogram}").counts(0, 10, 8, 2)
-    assert sum(counts) == 20 and counts[0] == 10  # a token picks an expert at most once
-    for bad in ("zipf", "random:x", "file:/nonexistent.json", "uniform"):
+    policy = parse_routing(f"file:{histogram}")
+    # a token picks an expert at most once: the excess over T goes to the others by share
+    assert policy.counts(0, 10, 8, 2) == [10, 4, 3, 3, 0, 0, 0, 0]
+    for tokens in (1, 7, 2048):
+        assert sum(policy.counts(3, tokens, 8, 2)) == 2 * tokens
+    histogram.write_text(json.dumps([[1, 0, 0, 0, 0, 0, 0, 0]]))
+    counts = parse_routing(f"file:{histogram}").counts(0, 2048, 8, 2)
+    assert sum(counts) == 4096 and counts[0] == 2048
+    histogram.write_text(json.dumps([[1] * 8] * 3))
+    with pytest.raises(UserError, match=r"3 rows; expected 1 .* or 2"):
+        parse_routing(f"file:{histogram}").check(2, 8)
+    histogram.write_text(json.dumps([[1] * 7]))
+    with pytest.raises(UserError, match="7 experts; expected 8"):
+        parse_routing(f"file:{histogram}").check(2, 8)
+    histogram.write_text("[[1, Infinity]]")
+    for bad in ("zipf", "random:x", "random:-1", "balanced:", "file:/nonexistent.json",
+                "uniform", f"file:{histogram}"):
         with pytest.raises(UserError, match="--moe-routing"):
             parse_routing(bad)
 
@@ -272,10 +286,29 @@ def test_resnet50_python_factory_has_torchvision_parameters() -> None:
     assert resolve_model("resnet50").name == "resnet50"
 
 
-def test_python_form_refuses_what_it_cannot_run() -> None:
+def test_python_form_refuses_what_it_cannot_run(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     for spec in ("python:nonexistent_pkg.mod:f", "python:workloads.resnet", "python::f"):
         with pytest.raises(UserError, match="--model"):
             resolve_model(spec)
+    (tmp_path / "user_models.py").write_text(
+        "import torch\n"
+        "notcallable = 3\n"
+        "def raises():\n    raise RuntimeError('boom')\n"
+        "def not_a_pair():\n    return 5\n"
+        "def cpu_inputs():\n"
+        "    return torch.nn.Linear(4, 4), torch.zeros(2, 4, device='cpu')\n"
+        "def bad_shape():\n    return torch.nn.Linear(4, 4), torch.zeros(2, 5)\n"
+        "def missing(batch=1):\n    return no_such_name\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for factory, fragment in (("notcallable", "is a int"), ("raises", "RuntimeError: boom"),
+                              ("not_a_pair", "returned int"), ("cpu_inputs", "meta device"),
+                              ("bad_shape", "failed to run its example inputs"),
+                              ("missing", "NameError")):
+        with pytest.raises(UserError, match=fragment):
+            simulate("gpu_a100.yaml", f"python:user_models:{factory}")
+    with pytest.raises(UserError, match=r"--batch: .* takes no batch keyword"):
+        simulate("gpu_a100.yaml", "python:user_models:bad_shape", batch=2)
     with pytest.raises(UserError, match="--model-set"):
         resolve_model("python:workloads.resnet:resnet50", {"hidden_size": "4"})
 
@@ -323,32 +356,38 @@ def test_bad_values_are_one_line_refusals(tmp_path: Path,
 
 
 _VALUES = st.one_of(st.integers(-3, 1 << 20), st.sampled_from([0, 1, 2, 3, 7, 64, None]),
-                    st.floats(allow_nan=True), st.text(max_size=4), st.booleans())
+                    st.floats(allow_nan=True), st.text(max_size=4), st.booleans(),
+                    st.sampled_from([[], {}, [1, 2], ["full_attention"], {"rope_type": "x"}]))
+_FIELDS = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+           "head_dim", "sliding_window", "num_local_experts", "num_experts_per_tok", "n_embd",
+           "n_head", "n_layer", "ffn_dim", "vocab_size", "max_position_embeddings",
+           "num_experts", "moe_intermediate_size", "mlp_only_layers", "layer_types",
+           "image_size", "patch_size", "num_labels", "id2label", "text_config", "qkv_bias",
+           "word_embed_proj_dim", "rope_scaling", "tie_word_embeddings"]
 
 
-@settings(max_examples=25, deadline=None)
-@given(kind=st.sampled_from(["mistral", "mixtral", "gpt2", "opt"]),
-       field=st.sampled_from(["hidden_size", "intermediate_size", "num_attention_heads",
-                              "num_key_value_heads", "head_dim", "sliding_window",
-                              "num_local_experts", "num_experts_per_tok", "n_embd", "n_head",
-                              "ffn_dim", "vocab_size", "max_position_embeddings"]),
-       value=_VALUES)
-def test_fuzzed_hf_configs_run_or_are_refused_in_one_line(kind: str, field: str,
-                                                          value: Any) -> None:
-    import contextlib
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(sorted(TINY)),
+       changes=st.dictionaries(st.sampled_from(_FIELDS), _VALUES, min_size=1, max_size=2))
+def test_fuzzed_hf_configs_run_right_or_are_refused_in_one_line(
+        kind: str, changes: dict[str, Any]) -> None:
+    """Each fuzzed config either runs, and then its closed-form size is the built model's,
+    or is refused in one line."""
     import io
 
     from simulator.cli import main
+    from workloads.hf import build_hf
 
-    fields = {**TINY[kind], field: value}
-    with tempfile_json({"model_type": kind, **fields}) as path:
+    with tempfile_json({"model_type": kind, **TINY[kind], **changes}) as path:
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(["--hw", "gpu_a100.yaml", "--model", path, "--context", "8",
-                         "--format", "json"])
-    lines = err.getvalue().strip().splitlines()
-    assert code == 0 or (code == 2 and len(lines) == 1 and lines[0].startswith(
-        "simulate: error: ")), err.getvalue()[-800:]
+            code = main(["--hw", "gpu_a100.yaml", "--model", path, "--format", "json"])
+        lines = err.getvalue().strip().splitlines()
+        assert code == 0 or (code == 2 and len(lines) == 1 and lines[0].startswith(
+            "simulate: error: ")), err.getvalue()[-800:]
+        if code == 0:
+            cfg = resolve_model(path)
+            assert sum(p.numel() for p in build_hf(cfg).parameters()) == cfg.param_count
 
 
 @contextlib.contextmanager

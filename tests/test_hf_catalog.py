@@ -46,6 +46,21 @@ def test_every_entry_builds_traces_and_simulates(name: str) -> None:
     assert len(layers) == (24 if cfg.model_type == "clip" else 2)
 
 
+@pytest.mark.parametrize("name", HF)
+def test_every_entry_resolves_by_name_hf_id_and_file(name: str) -> None:
+    entry = catalog()[name]
+    by_name = resolve_model(name)
+    if entry.hf_id:
+        for hf_id in (entry.hf_id, entry.hf_id.upper()):
+            assert resolve_model(hf_id) == by_name
+    by_file = resolve_model(str(entry.path))
+    def unset(cfg: HFConfig) -> dict:
+        return {k: v for k, v in cfg.fields.items() if k not in entry.model_set}
+
+    assert unset(by_file) == unset(by_name) and by_file.model_type == by_name.model_type
+    assert by_name.torch_dtype == "bfloat16"
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_parameter_counts_match_the_published_sizes(name: str) -> None:
     assert resolve_model(name).param_count / 1e9 == pytest.approx(PUBLISHED[name], rel=0.005)
@@ -67,7 +82,8 @@ def test_models_larger_than_one_a100_are_refused_with_their_weights(name: str) -
     with pytest.raises(UserError, match=r"does not fit: needs") as err:
         simulate(A100, name, context=256)
     assert f"weights {gib:.2f}" in str(err.value)
-    assert simulate(A100, cfg, context=256, hw_set={"memory.dram.capacity": "640 GB"})
+    result = simulate(A100, cfg, context=256, hw_set={"memory.dram.capacity": "640 GB"})
+    assert result.latency_s > 0 and result.weights_bytes >= 2 * cfg.param_count
 
 
 def test_mistral_kv_at_32k_is_the_4096_window() -> None:

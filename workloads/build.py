@@ -77,20 +77,49 @@ def prepare(cfg: AnyModel, phase: str, batch: int, context: int, prompt: int) ->
 
 def module_step(cfg: ModuleModel, batch: int) -> Step:
     """A `python:` factory's module and inputs, built on meta, as one forward pass."""
+    where = f"python:{cfg.module}:{cfg.factory}"
     try:
         factory = getattr(importlib.import_module(cfg.module), cfg.factory)
-    except (ImportError, AttributeError) as exc:
-        raise UserError("--model", f"python:{cfg.name} cannot be loaded ({exc})") from None
-    takes_batch = "batch" in inspect.signature(factory).parameters
-    with torch.device("meta"):
-        made = factory(batch=batch) if takes_batch else factory()
+    except Exception as exc:  # a user's module may fail in any way on import
+        first = next(iter(str(exc).splitlines()), "")
+        raise UserError("--model", f"{where} cannot be loaded ({type(exc).__name__}: "
+                        f"{first})") from None
+    if not callable(factory):
+        raise UserError("--model", f"{where} is a {type(factory).__name__}; expected a "
+                        "function returning (module, example_inputs)")
+    try:
+        takes_batch = "batch" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes_batch = False
+    if not takes_batch and batch != 1:
+        raise UserError("--batch", f"{where} takes no batch keyword; expected 1")
+    try:
+        with torch.device("meta"):
+            made = factory(batch=batch) if takes_batch else factory()
+    except Exception as exc:  # the user's code
+        first = next(iter(str(exc).splitlines()), "")
+        raise UserError("--model", f"{where} failed on the meta device ({type(exc).__name__}: "
+                        f"{first})") from None
     if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module)):
-        raise UserError("--model", f"python:{cfg.name} returned {type(made).__name__}; "
-                        "expected (module, example_inputs)")
+        raise UserError("--model", f"{where} returned {type(made).__name__}; expected "
+                        "(module, example_inputs)")
     module, inputs = made
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    if not takes_batch and batch != 1:
-        raise UserError("--batch", f"python:{cfg.name} takes no batch keyword; expected 1")
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    if len(tensors) != len(inputs) or any(t.device.type != "meta" for t in tensors):
+        raise UserError("--model", f"{where}: expected example inputs that are tensors on the "
+                        "meta device (built under the meta device the factory is called in)")
     module.eval()
-    items = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()), 1)
-    return Step(module, lambda: module(*inputs), [], int(items))
+
+    def run() -> None:
+        try:
+            module(*inputs)
+        except UserError:
+            raise
+        except Exception as exc:  # the user's module
+            first = next(iter(str(exc).splitlines()), "")
+            raise UserError("--model", f"{where} failed to run its example inputs "
+                            f"({type(exc).__name__}: {first})") from None
+
+    items = tensors[0].shape[0] if tensors and tensors[0].dim() else 1
+    return Step(module, run, [], int(items))

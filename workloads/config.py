@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable, Collection, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,9 @@ from pydantic import (
 
 from simulator.errors import UserError, first_error
 from simulator.yamlfile import load_yaml
+
+if TYPE_CHECKING:
+    from workloads.models import AnyModel
 
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -78,6 +81,16 @@ class LayerShape(NamedTuple):
 
 def _at(value: PerLayer | None, index: int) -> int | None:
     return value[index] if isinstance(value, tuple) else value
+
+
+def check_phase(name: str, phase: str, phases: tuple[str, ...]) -> None:
+    """Refuse a step `phase` that model `name` has not (a causal LM's decode or prefill, an
+    encoder's forward)."""
+    if phase not in phases:
+        kind = ("a causal LM" if "decode" in phases
+                else "an encoder: one forward pass over a batch of inputs")
+        raise UserError("--phase", f"{name} is {kind}; expected "
+                        + " or ".join(phases) + f", not {phase}")
 
 
 class ModelConfig(BaseModel):
@@ -218,8 +231,6 @@ class ModelConfig(BaseModel):
     def check_positions(self, phase: str, context: int, prompt: int) -> None:
         """Refuse a phase the model has not, or a step that reaches past the model's
         positions (decode: context + 1)."""
-        from workloads.hf_config import check_phase
-
         check_phase(self.name, phase, self.phases)
         limit = self.position_limit
         flag, need = ("--context", context + 1) if phase == "decode" else ("--prompt", prompt)
@@ -336,7 +347,8 @@ class CatalogEntry(BaseModel):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
     #: The HF repository id (owner/name) whose config.json the file transcribes.
-    hf_id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    #: None for a model without a published checkpoint (GPT-3: its paper's shapes).
+    hf_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
     #: The file transcribed (huggingface.co), or the paper that defines the model's shape
     #: where no checkpoint was published (GPT-3: arxiv.org).
     source: str = Field(pattern=r"^https://(huggingface\.co|arxiv\.org)/")
@@ -616,7 +628,8 @@ def _lookup(model: str) -> tuple[dict[str, Any], str]:
         if not path.is_file():
             raise UserError(model, "model config file not found")
         return _read_file(path), path.stem
-    by_id = {entry.hf_id.lower(): entry for entry in catalog().values()}
+    ids = [entry.hf_id for entry in catalog().values() if entry.hf_id]
+    by_id = {entry.hf_id.lower(): entry for entry in catalog().values() if entry.hf_id}
     if model.lower() in by_id:
         entry = by_id[model.lower()]
         return entry.data(), entry.name
@@ -624,7 +637,7 @@ def _lookup(model: str) -> tuple[dict[str, Any], str]:
         raise UserError("--model", f"'{model}' is neither a file nor an HF id in the model "
                         "catalog, and nothing is downloaded; expected the path to its "
                         f"config.json (from https://huggingface.co/{model}) or a catalog id "
-                        "(simulate list)" + _near(model, [e.hf_id for e in catalog().values()]))
+                        "(simulate list)" + _near(model, ids))
     near = _near(name, [*model_names(), *ALIASES])
     raise UserError("--model", f"unknown model '{model}'" + (near or (
         "; expected a config path, an HF id of the catalog or one of: "
@@ -636,7 +649,7 @@ MODULE_PRESETS = {"resnet50": "python:workloads.resnet:resnet50"}
 
 
 def resolve_model(model: str, overrides: Mapping[str, str] | None = None,
-                  routing: str | None = None) -> Any:
+                  routing: str | None = None) -> AnyModel:
     """A preset or catalog name, bare size, a catalog entry's HF id (any case), the path to
     an HF config.json/YAML (or a folder holding config.json), or `python:module:factory`,
     with KEY=VALUE overrides; `routing` is an MoE model's --moe-routing policy.

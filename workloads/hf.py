@@ -7,8 +7,10 @@ functions registered, so the trace sees:
 - MoE experts as one GEMM chain per active expert with its token count from the routing
   policy (`workloads.routing`): a meta router has no values to route by;
 - the KV cache as transformers' StaticCache, allocated before the step and carrying the
-  state role, a sliding-window layer's as long as its window (new entries are state writes;
-  a full window is written as a ring buffer, not rolled);
+  state role, a sliding-window layer's as long as its window (new entries are state writes).
+  The cache is told it holds `context` tokens but its layers start empty, so a full window
+  takes its new entry by index (as a ring buffer would), not by transformers' roll and copy
+  of the whole window;
 - an RMSNorm module as one norm op (a fused kernel), as LayerNorm is in aten.
 """
 
@@ -136,6 +138,8 @@ def _route(cfg: HFConfig, model: nn.Module) -> list[list[int]]:
     if len(experts) != len(blocks):
         raise UserError(cfg.name, f"found {len(experts)} experts modules for {len(blocks)} "
                         "MoE blocks; this MoE layout is not modelled")
+    if experts:
+        cfg.routing.check(len(blocks), experts[0].num_experts)
     for number, module in enumerate(experts):
         if module.has_bias or module.is_transposed or not module.is_concatenated:
             raise UserError(cfg.name, "experts with biases or transposed weights are not "
@@ -180,7 +184,8 @@ def hf_step(cfg: HFConfig, phase: str, batch: int, context: int, prompt: int) ->
 
         return Step(model, forward, [], batch, leaves)
     tokens, position = (1, context) if phase == "decode" else (prompt, 0)
-    cache = _cache(model, batch, position + tokens, position, dtype)
+    with _refused(cfg, "allocate the KV cache of"):
+        cache = _cache(model, batch, position + tokens, position, dtype)
     used = _route(cfg, model)
     ids = torch.zeros(batch, tokens, dtype=torch.long, device=meta)
     positions = torch.arange(position, position + tokens, device=meta).expand(batch, tokens)

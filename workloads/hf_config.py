@@ -17,6 +17,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict
 
 from simulator.errors import UserError
+from workloads.config import check_phase
 from workloads.routing import Routing
 
 #: model_type → what one step of it is: a causal LM (decode, prefill), a vision encoder
@@ -26,9 +27,9 @@ HF_TASKS: dict[str, Literal["causal", "vision", "clip"]] = {
     "qwen2_moe": "causal", "gemma2": "causal", "phi3": "causal", "gpt2": "causal",
     "gptj": "causal", "opt": "causal", "vit": "vision", "clip": "clip"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-#: Architectures whose head_dim default is a constant of the class, not hidden / heads.
-DEFAULT_HEAD_DIM = {"gemma2"}
-#: Fields every HF config may carry that cannot change the cost (with why).
+#: Fields of published configs that transformers' config classes do not declare, accepted
+#: with why: most cannot change the cost; num_labels and projection_dim size heads (the
+#: closed form reads them).
 GENERAL_FIELDS: dict[str, str] = {
     "_name_or_path": "where the checkpoint was saved from",
     "transformers_version": "the library version that wrote the file",
@@ -66,6 +67,8 @@ GENERAL_FIELDS: dict[str, str] = {
     "activation_dropout": "dropout is off at inference",
     "dropout": "dropout is off at inference",
     "prefix": "a generate() prompt prefix",
+    "output_attentions": "returns attention maps (a debugging output)",
+    "model_type": "a sub-config's class name (the top-level one chooses the architecture)",
 }
 
 
@@ -109,7 +112,15 @@ def check_names(model: str, model_type: str, fields: dict[str, Any]) -> None:
 
 #: Example values of the general fields that size the model (their type is checked).
 LEGACY_TYPES: dict[str, Any] = {"rope_theta": 10000.0, "n_ctx": 1024, "sliding_window_size": 1,
-                                "rope_scaling": {}}
+                                "rope_scaling": {}, "num_labels": 2, "id2label": {},
+                                "label2id": {}}
+#: Values of fields transformers takes that a step here cannot model (the only one allowed).
+NOT_MODELLED: dict[str, tuple[Any, str]] = {
+    "add_cross_attention": (False, "cross-attention to an encoder's states (a decoder-only "
+                                   "step has none)"),
+}
+#: Sizes with a class default that null turns off rather than leaves unset.
+NULLABLE = {"sliding_window", "max_window_layers", "rotary_dim"}
 #: Sizes whose class default is null (unset), positive when given.
 _OPTIONAL_SIZES = {"sliding_window", "head_dim", "num_key_value_heads", "n_inner",
                    "intermediate_size", "rotary_dim", "word_embed_proj_dim",
@@ -120,7 +131,11 @@ def _check_value(model: str, key: str, value: Any, default: Any) -> None:
     """A value of the type its class default has (sizes positive), so that transformers
     builds what the config says rather than failing inside."""
     where = f"{model}: {key}"
-    if value is None or key.endswith(("_token_id", "_token_ids")):
+    if key.endswith(("_token_id", "_token_ids")):
+        return
+    if value is None:
+        if isinstance(default, int) and not isinstance(default, bool) and key not in NULLABLE:
+            raise UserError(where, f"expected a whole number like {default}, not null")
         return
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if isinstance(default, bool):
@@ -150,6 +165,13 @@ def _check_names(model: str, model_type: str, schema: dict[str, Any], fields: di
         if key == "attention_bias" and key not in schema["defaults"] and value:
             raise UserError(f"{model}: {where}{key}", f"a bias on {model_type}'s attention "
                             "projections is not modelled; expected false")
+        if key in NOT_MODELLED and value != NOT_MODELLED[key][0]:
+            allowed, what = NOT_MODELLED[key]
+            raise UserError(f"{model}: {where}{key}", f"{what} is not modelled; expected "
+                            f"{json.dumps(allowed)}")
+        if key in schema["sub_configs"] and not isinstance(value, dict | None):
+            raise UserError(f"{model}: {where}{key}", f"expected a mapping of "
+                            f"{key.replace('_', ' ')} fields, not {value!r}")
         if key in schema["sub_configs"] and isinstance(value, dict):
             _check_names(model, model_type, schema["sub_configs"][key], value, f"{where}{key}.")
         elif key not in known:
@@ -158,8 +180,13 @@ def _check_names(model: str, model_type: str, schema: dict[str, Any], fields: di
             raise UserError(f"{model}: {where}{key}",
                             f"unknown field for model_type {model_type}{hint}")
         else:
-            default = schema["defaults"].get(key, LEGACY_TYPES.get(key))
+            default = schema["defaults"].get(key)
+            default = LEGACY_TYPES.get(key) if default is None else default
             _check_value(model, f"{where}{key}", value, default)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _int(cfg: dict[str, Any], key: str, model: str, low: int = 1) -> int:
@@ -177,7 +204,8 @@ class HFConfig(BaseModel):
 
     model_type: str
     fields: dict[str, Any]
-    torch_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    #: transformers' default where the config names none
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     routing: Routing = Routing()
     name: str = ""
 
@@ -187,16 +215,18 @@ class HFConfig(BaseModel):
 
     @property
     def config(self) -> dict[str, Any]:
-        """The fields over the config class's defaults (canonical names); the sizes that
-        transformers derives when left out (head_dim, num_key_value_heads) derived here too,
-        not taken from the default config's."""
+        """The fields over the config class's declared defaults (canonical names), with the
+        sizes transformers derives where they are null: head_dim (hidden / heads),
+        num_key_value_heads (the heads) and OPT's word_embed_proj_dim (hidden)."""
         out = merged(_schema()[self.model_type], self.fields)
-        sizes = (out.get("hidden_size"), out.get("num_attention_heads"))
-        if self.model_type not in DEFAULT_HEAD_DIM and "head_dim" not in self.fields and all(
-                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
-            out["head_dim"] = sizes[0] // sizes[1]
-        if "num_key_value_heads" not in self.fields and "num_key_value_heads" in out:
-            out["num_key_value_heads"] = out["num_attention_heads"]
+        hidden, heads = out.get("hidden_size"), out.get("num_attention_heads")
+        if _positive(hidden) and _positive(heads):
+            if "head_dim" in out and out["head_dim"] is None:
+                out["head_dim"] = hidden // heads
+            if "num_key_value_heads" in out and out["num_key_value_heads"] is None:
+                out["num_key_value_heads"] = heads
+        if self.model_type == "opt" and out.get("word_embed_proj_dim") is None:
+            out["word_embed_proj_dim"] = hidden
         return out
 
     @property
@@ -264,20 +294,6 @@ class HFConfig(BaseModel):
                             f"max_position_embeddings {limit}; expected at most {most}")
 
 
-def check_phase(name: str, phase: str, phases: tuple[str, ...]) -> None:
-    if phase not in phases:
-        kind = ("a causal LM" if "decode" in phases
-                else "an encoder: one forward pass over a batch of inputs")
-        raise UserError("--phase", f"{name} is {kind}; expected "
-                        + " or ".join(phases) + f", not {phase}")
-
-
-def _window(cfg: dict[str, Any]) -> int | None:
-    if cfg.get("use_sliding_window") is False:
-        return None
-    return cfg.get("sliding_window")
-
-
 def shape_of(model: HFConfig) -> Shape:
     """The sizes of `model`, from its fields (validated here: they size the closed form)."""
     cfg, name, kind = model.config, model.name or model.model_type, model.model_type
@@ -312,31 +328,31 @@ def shape_of(model: HFConfig) -> Shape:
                  bool(cfg.get("tie_word_embeddings")))
 
 
-def _head_dim(cfg: dict[str, Any]) -> int:
-    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-
-
-def _encoder_layer(d: int, inner: int) -> int:
-    """A ViT/CLIP encoder block: q, k, v, out with biases, a 2-matrix MLP, two LayerNorms."""
-    return 4 * (d * d + d) + 2 * d * inner + inner + d + 4 * d
+def _encoder_layer(d: int, inner: int, qkv_bias: bool = True) -> int:
+    """A ViT/CLIP encoder block: q, k, v (biased unless not), out with a bias, a 2-matrix
+    MLP, two LayerNorms."""
+    return 4 * d * d + (4 if qkv_bias else 1) * d + 2 * d * inner + inner + d + 4 * d
 
 
 def _vision_tower(cfg: dict[str, Any], patch_bias: bool) -> int:
     d, p = cfg["hidden_size"], cfg["patch_size"]
     patches = (cfg["image_size"] // p) ** 2
     embed = cfg["num_channels"] * p * p * d + (d if patch_bias else 0) + d + (patches + 1) * d
-    return embed + cfg["num_hidden_layers"] * _encoder_layer(d, cfg["intermediate_size"])
+    return embed + cfg["num_hidden_layers"] * _encoder_layer(
+        d, cfg["intermediate_size"], bool(cfg.get("qkv_bias", True)))
 
 
 def _decoder_params(cfg: dict[str, Any], kind: str) -> int:
     """Parameters of a Llama-like decoder (RMSNorm, RoPE, gated MLP or MoE)."""
     d, v, n = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     h = cfg["num_attention_heads"]
-    kv, hd = cfg.get("num_key_value_heads") or h, _head_dim(cfg)
-    qkv_bias = kind in {"qwen2", "qwen2_moe"} or bool(cfg.get("attention_bias"))
+    kv, hd = cfg.get("num_key_value_heads") or h, cfg.get("head_dim") or d // h
+    qkv_bias = (kind == "qwen2" or bool(cfg.get("qkv_bias")) if kind in {"qwen2", "qwen2_moe"}
+                else bool(cfg.get("attention_bias")))
     attention = d * h * hd + 2 * d * kv * hd + h * hd * d
     attention += (h * hd + 2 * kv * hd) if qkv_bias else 0
-    attention += d if cfg.get("attention_bias") and kind not in {"qwen2", "qwen2_moe"} else 0
+    attention += d if cfg.get("attention_bias") else 0  # o_proj's (llama, gemma2)
+    mlp_bias = 2 * cfg.get("intermediate_size", 0) + d if cfg.get("mlp_bias") else 0
     norms = (4 if kind == "gemma2" else 2) * d
     total = 0
     for layer in range(n):
@@ -346,7 +362,7 @@ def _decoder_params(cfg: dict[str, Any], kind: str) -> int:
             mlp = (cfg["num_experts"] * (d + 3 * d * cfg["moe_intermediate_size"])
                    + 3 * d * cfg["shared_expert_intermediate_size"] + d)
         else:
-            mlp = 3 * d * cfg["intermediate_size"]
+            mlp = 3 * d * cfg["intermediate_size"] + mlp_bias
         total += attention + mlp + norms
     return total + v * d * (1 if cfg.get("tie_word_embeddings") else 2) + d
 
@@ -371,18 +387,21 @@ def param_count(model: HFConfig) -> int:
     if kind == "gptj":
         d, inner, v = cfg["n_embd"], cfg.get("n_inner") or 4 * cfg["n_embd"], cfg["vocab_size"]
         block = 2 * d + 4 * d * d + (d * inner + inner) + (inner * d + d)
-        return v * d + cfg["n_layer"] * block + 2 * d + v * d + v
+        head = v + (0 if cfg.get("tie_word_embeddings") else v * d)  # the bias is its own
+        return v * d + cfg["n_layer"] * block + 2 * d + head
     if kind == "opt":
         d, v, ffn = cfg["hidden_size"], cfg["vocab_size"], cfg["ffn_dim"]
         proj = cfg.get("word_embed_proj_dim") or d
         bias = bool(cfg.get("enable_bias", True))
-        block = 4 * (d * d + (d if bias else 0)) + 4 * d + d * ffn + ffn * d + (
+        norm = 2 * d if cfg.get("layer_norm_elementwise_affine", True) else 0
+        block = 4 * (d * d + (d if bias else 0)) + 2 * norm + d * ffn + ffn * d + (
             ffn + d if bias else 0)
-        final = 2 * d if cfg.get("do_layer_norm_before", True) and not cfg.get(
+        final = norm if cfg.get("do_layer_norm_before", True) and not cfg.get(
             "_remove_final_layer_norm") else 0
         project = 2 * d * proj if proj != d else 0
+        head = 0 if cfg.get("tie_word_embeddings", True) else v * proj
         return (v * proj + (cfg["max_position_embeddings"] + 2) * d + cfg["num_hidden_layers"]
-                * block + final + project)
+                * block + final + project + head)
     if kind == "vit":
         d = cfg["hidden_size"]
         labels = cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2
@@ -444,5 +463,6 @@ def resolve_hf(data: dict[str, Any], model: str, overridden: set[str], name: str
         if not moe_layers(cfg):
             raise UserError("--moe-routing", f"{name} has no experts; expected the flag "
                             "left out")
-        cfg = cfg.model_copy(update={"routing": parse_routing(routing)})
+        cfg = cfg.model_copy(update={"routing": parse_routing(routing),
+                                     "name": f"{name} --moe-routing {routing}"})
     return cfg

@@ -7,6 +7,7 @@ checks the file against the installed transformers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import metadata
 from pathlib import Path
@@ -22,13 +23,23 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda _: None))
 
 
-def _schema(config: Any) -> dict[str, Any]:
-    fields = config.to_dict()
-    subs = getattr(config, "sub_configs", {}) or {}
-    return {"defaults": {key: _plain(value) for key, value in sorted(fields.items())
-                         if key not in subs},
-            "aliases": dict(sorted(type(config).attribute_map.items())),
-            "sub_configs": {name: _schema(getattr(config, name)) for name in sorted(subs)}}
+def _default(field: Any) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _schema(cls: type) -> dict[str, Any]:
+    """A config class's fields with their declared defaults (None where transformers
+    derives the value, e.g. head_dim), aliases and sub-config classes."""
+    subs = getattr(cls, "sub_configs", {}) or {}
+    defaults = {field.name: _plain(_default(field)) for field in dataclasses.fields(cls)
+                if not field.name.startswith("_") and field.name not in subs}
+    return {"defaults": dict(sorted(defaults.items())),
+            "aliases": dict(sorted(cls.attribute_map.items())),
+            "sub_configs": {name: _schema(sub) for name, sub in sorted(subs.items())}}
 
 
 def schema() -> dict[str, Any]:
@@ -36,7 +47,7 @@ def schema() -> dict[str, Any]:
     from transformers import AutoConfig
 
     return {"transformers": metadata.version("transformers"),
-            "models": {kind: _schema(AutoConfig.for_model(kind)) for kind in HF_TASKS}}
+            "models": {kind: _schema(type(AutoConfig.for_model(kind))) for kind in HF_TASKS}}
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from simulator.errors import UserError
-from workloads.config import ModelConfig
-from workloads.hf_config import HFConfig, check_phase
+from workloads.config import ModelConfig, check_phase
+from workloads.hf_config import HFConfig
 
 PREFIX = "python:"
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from simulator.errors import UserError
 from simulator.workload.trace import Op, OpKind, Phase, Trace
 from workloads.build import prepare
 from workloads.models import AnyModel
@@ -36,8 +37,8 @@ _REDUCTION = {"sum", "mean", "amax", "amin", "max", "min", "prod", "var", "std",
 #: aten's own normalisations (LayerNorm, BatchNorm at inference, GroupNorm, RMSNorm).
 _NORM = {"native_layer_norm", "native_batch_norm", "_native_batch_norm_legit_no_training",
          "native_group_norm", "_fused_rms_norm", "rms_norm"}
-#: In-place writes of some entries: a state they write into gains the new values' bytes,
-#: not its whole size (a KV cache's new entries).
+#: In-place writes of some entries (a KV cache's new entries, an expert's tokens added into
+#: the MoE output): they move and work on the new values, not the whole tensor written into.
 _INDEXED_WRITES = {"index_copy_", "index_put_", "index_add_", "scatter_", "scatter_add_"}
 _SOFTMAX = {"_softmax", "_safe_softmax", "softmax", "_log_softmax"}
 _MEMORY = {"copy_", "clone", "cat", "stack", "index_copy", "index_copy_"}
@@ -103,6 +104,9 @@ def _work(kind: OpKind, name: str, args: tuple[Any, ...], ins: list[torch.Tensor
         return m * n * k, {"m": m, "n": n, "k": k, "batch": 1, "parallel": n}
     if kind == "matmul" and name == "convolution":  # an implicit GEMM, per group
         x, w, groups = args[0], args[1], int(args[8])
+        if args[6]:
+            raise UserError("--model", "a transposed convolution is not modelled; expected "
+                            "convolutions only")
         out = outs[0]
         m, n, k = out.numel() // out.shape[1], w.shape[0] // groups, math.prod(w.shape[1:])
         dims = {"m": m, "n": n, "k": k, "batch": groups, "parallel": groups * n}
@@ -207,23 +211,26 @@ class _Recorder(TorchDispatchMode):
             else:
                 act_in += _nbytes(t)
                 self.last_use[base] = index
+        values = [a for a in ins if id(a) not in mutated and a.is_floating_point()]
+        indexed = values[-1] if name in _INDEXED_WRITES and values else None
         for t in outs:
             if id(t) in mutated:
                 base = self._base(t)
                 self.base[id(t)] = base
+                written = _nbytes(t if indexed is None else indexed)
                 if self.roles.get(base) == "state":
-                    values = [a for a in ins if id(a) not in mutated and a.is_floating_point()]
-                    written = values[-1] if name in _INDEXED_WRITES and values else t
-                    state_write += _nbytes(written)
+                    state_write += written
                 else:
-                    act_out += _nbytes(t)
+                    act_out += written
                 self.producer[base] = index
             else:
                 act_out += _nbytes(t)
                 self.producer[id(t)] = index
                 self.sizes[id(t)] = _nbytes(t)
                 self.last_use[id(t)] = index
-        ops, dims = _work(kind, name, args, ins, outs)
+        # an indexed write works on its new values, not on the whole tensor it writes into
+        ops, dims = (_work(kind, name, args, ins, outs) if indexed is None
+                     else _work(kind, name, args, [indexed], [indexed]))
         module = self.modules[-1] if self.modules else ""
         first = ins[0] if kind in {"matmul", "attention", "reduction", "softmax"} else outs[0]
         dtype = "int8" if kind == "ternary_matmul" else _DTYPES.get(first.dtype, "fp32")
