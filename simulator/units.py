@@ -13,6 +13,7 @@ all read before neither imports pint nor builds it. The values are pint's own, b
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -80,16 +81,31 @@ def memo_path() -> Path:
 
 
 @cache
+def _memo_key() -> str:
+    """What the remembered answers depend on: the unit definitions, the dimensions and
+    pint's version (read from its metadata, not by importing it)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("pint")
+    except metadata.PackageNotFoundError:
+        version = "none"
+    text = json.dumps([_DEFINITIONS, DIMENSIONS, version])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@cache
 def _memo() -> dict[str, float | str]:
-    """pint's earlier answers ({"dimension|text": value, or the UnitError's message});
-    empty if unreadable."""
+    """pint's earlier answers ({"dimension|text": value, or the UnitError's message}) for
+    these definitions; empty if unreadable or made under others."""
     try:
         data = json.loads(memo_path().read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or data.get("key") != _memo_key() or not isinstance(
+            data.get("values"), dict):
         return {}
-    return {k: v for k, v in data.items()
+    return {k: v for k, v in data["values"].items()
             if isinstance(v, str) or (isinstance(v, float) and math.isfinite(v))}
 
 
@@ -102,7 +118,8 @@ def _remember(key: str, value: float | str) -> None:
     from simulator.files import write_atomic
 
     with contextlib.suppress(UserError, OSError):  # an unwritable cache only costs speed
-        write_atomic(memo_path(), json.dumps(memo, sort_keys=True), "cache", make_parents=True)
+        write_atomic(memo_path(), json.dumps({"key": _memo_key(), "values": memo},
+                                             sort_keys=True), "cache", make_parents=True)
 
 #: name → (pint unit the value is converted to, example shown in errors)
 DIMENSIONS: dict[str, tuple[str, str]] = {

@@ -63,7 +63,7 @@ def test_remembered_answers_are_pints_own(tmp_path, monkeypatch: pytest.MonkeyPa
     first = [parse(text, dimension) for text, dimension in texts]
     with pytest.raises(UnitError, match="is not a time"):
         parse("4 cycle", "time")
-    memo = json.loads((tmp_path / "units.json").read_text())
+    memo = json.loads((tmp_path / "units.json").read_text())["values"]
     assert [memo[f"{d}|{t}"] for t, d in texts] == first
     assert first == [units._parse_with_pint(t, d) for t, d in texts]  # bit for bit
     units._memo.cache_clear()
@@ -71,6 +71,11 @@ def test_remembered_answers_are_pints_own(tmp_path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(UnitError, match="is not a time"):  # a remembered refusal
         parse("4 cycle", "time")
     (tmp_path / "units.json").write_text("{not json")
+    units._memo.cache_clear()
+    units._parse_text.cache_clear()
+    assert parse("1.41 GHz", "frequency") == first[0]
+    stale = {"key": "other definitions", "values": {"frequency|1.41 GHz": 1.0}}
+    (tmp_path / "units.json").write_text(json.dumps(stale))  # made under other definitions
     units._memo.cache_clear()
     units._parse_text.cache_clear()
     assert parse("1.41 GHz", "frequency") == first[0]
