@@ -34,7 +34,8 @@ from simulator.yamlfile import load_yaml
 
 COLUMNS = ("key", "hardware", "settings", "model", "phase", "batch", "context", "prompt",
            "mapping", "status", "message", "latency_s", "tokens_per_s", "power_w",
-           "energy_per_token_j", "memory_bytes", "weights_bytes", "dram_bytes")
+           "energy_per_token_j", "memory_bytes", "weights_bytes", "dram_bytes", "moe_routing",
+           "expert_imbalance")
 
 
 class Spec(BaseModel):
@@ -45,11 +46,15 @@ class Spec(BaseModel):
     hardware: list[str] = Field(min_length=1)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     models: list[str] = Field(min_length=1)
-    phases: list[Literal["decode", "prefill"]] = Field(default=["decode"], min_length=1)
+    phases: list[Literal["decode", "prefill", "forward"]] = Field(default=["decode"],
+                                                                  min_length=1)
     batch: list[int] = Field(default=[1], min_length=1)
-    context: int = Field(default=2048, ge=0)
-    prompt: int = Field(default=2048, ge=1)
+    #: null: each model's default (2048, or its positions if fewer)
+    context: int | None = Field(default=2048, ge=0)
+    prompt: int | None = Field(default=2048, ge=1)
     mapping: list[Literal["tensor", "batch"]] = Field(default=["tensor"], min_length=1)
+    #: MoE routing policies (--moe-routing); null: the model's default, balanced
+    moe_routing: list[str | None] = Field(default=[None], min_length=1)
     granularity: int = Field(default=DEFAULT_GRANULARITY, ge=1, strict=True,
                              description="max coalesced chunks per op and core")
 
@@ -74,13 +79,17 @@ def points(spec: Spec) -> list[dict[str, Any]]:
     paths = sorted(spec.grid)
     combos = list(itertools.product(*(spec.grid[p] for p in paths))) or [()]
     out = []
-    for hardware, combo, model, phase, batch, mapping in itertools.product(
-            spec.hardware, combos, spec.models, spec.phases, spec.batch, spec.mapping):
+    for hardware, combo, model, phase, batch, mapping, routing in itertools.product(
+            spec.hardware, combos, spec.models, spec.phases, spec.batch, spec.mapping,
+            spec.moe_routing):
         point = {"hardware": hardware, "settings": dict(zip(paths, combo, strict=True)),
                  "model": model, "phase": phase, "batch": batch, "context": spec.context,
                  "prompt": spec.prompt, "mapping": mapping}
-        if spec.granularity != DEFAULT_GRANULARITY:  # keys of default points stay as they were
+        # keys of default points stay as they were
+        if spec.granularity != DEFAULT_GRANULARITY:
             point["granularity"] = spec.granularity
+        if routing is not None:
+            point["moe_routing"] = routing
         point["key"] = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
         out.append(point)
     return out
@@ -96,7 +105,8 @@ def run_point(point: dict[str, Any]) -> dict[str, Any]:
                           batch=point["batch"], context=point["context"],
                           prompt=point["prompt"], mapping=point["mapping"],
                           hw_set=point["settings"],
-                          granularity=point.get("granularity", DEFAULT_GRANULARITY))
+                          granularity=point.get("granularity", DEFAULT_GRANULARITY),
+                          moe_routing=point.get("moe_routing"))
     except UserError as exc:
         return {**row, "status": "infeasible" if isinstance(exc, Infeasible) else "error",
                 "message": str(exc)}

@@ -100,3 +100,30 @@ def test_bad_spec_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["sweep", str(spec), "--out", str(tmp_path / "o")]) == 2
     assert "modles" in capsys.readouterr().err
     assert main(["sweep", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_a_sweep_covers_routing_policies_and_encoders(tmp_path: Path) -> None:
+    """MoE routing policies are a sweep axis (results carry the imbalance); an encoder runs
+    its forward phase, and a phase a model has not is an error row, not a crash."""
+    mixtral = tmp_path / "moe.json"
+    mixtral.write_text(json.dumps({
+        "model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 256, "num_local_experts": 8, "num_experts_per_tok": 2}))
+    spec = write_spec(tmp_path, {"hardware": ["gpu_a100.yaml"],
+                                 "models": [str(mixtral), "resnet50"],
+                                 "phases": ["prefill", "forward"], "prompt": 64,
+                                 "context": None, "batch": [2],
+                                 "moe_routing": [None, "zipf:2"]})
+    run_sweep(spec, tmp_path / "out", workers=1, progress=False)
+    frame = load(tmp_path / "out").set_index(["model", "phase", "moe_routing"], drop=False)
+    moe = frame[(frame.model == str(mixtral)) & (frame.phase == "prefill")]
+    assert set(moe.status) == {"ok"} and len(moe) == 2
+    balanced = moe[moe.moe_routing.isna()].iloc[0]
+    skewed = moe[moe.moe_routing == "zipf:2"].iloc[0]
+    assert balanced.expert_imbalance == 1.0 < skewed.expert_imbalance
+    resnet = frame[(frame.model == "resnet50") & frame.moe_routing.isna()]
+    assert set(resnet[resnet.phase == "forward"].status) == {"ok"}
+    # resnet50 takes no routing policy and has no prefill; Mixtral has no forward
+    assert set(frame[frame.status == "error"].message.str.extract(r"^(--\w[\w-]*)")[0]) == {
+        "--moe-routing", "--phase"}
