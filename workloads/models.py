@@ -55,8 +55,11 @@ def resolve_module(spec: str) -> ModuleModel:
         found = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         found = None
-    if found is None or not found.origin or not found.has_location:
+    if found is None:
         raise UserError("--model", f"'{spec}': module {module} not found on the Python path")
+    if not found.origin or not found.has_location:
+        raise UserError("--model", f"'{spec}': module {module} has no source file (built in "
+                        "or frozen); expected a module of yours that defines the factory")
     with open(found.origin, "rb") as source:
         digest = hashlib.sha256(source.read()).hexdigest()
     return ModuleModel(module=module, factory=factory, source_sha256=digest,
