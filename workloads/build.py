@@ -60,6 +60,11 @@ class Step:
     expert_tokens: list[list[int]] = field(default_factory=list)
 
 
+def step_tokens(phase: str, context: int, prompt: int) -> tuple[int, int]:
+    """(new tokens per sequence, the position they start at) of a decode or prefill step."""
+    return (1, context) if phase == "decode" else (prompt, 0)
+
+
 def prepare(cfg: AnyModel, phase: str, batch: int, context: int, prompt: int) -> Step:
     """The step of `cfg`: decode (one token after `context`), prefill (`prompt` tokens) or
     forward (an encoder's pass over `batch` inputs)."""
@@ -70,7 +75,7 @@ def prepare(cfg: AnyModel, phase: str, batch: int, context: int, prompt: int) ->
     if isinstance(cfg, ModuleModel):
         return module_step(cfg, batch)
     model = build_model(cfg)
-    tokens, position = (1, context) if phase == "decode" else (prompt, 0)
+    tokens, position = step_tokens(phase, context, prompt)
     ids, state = make_inputs(cfg, batch, tokens, position)
     return Step(model, lambda: model(ids, state), state.tensors(), batch * tokens)
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from simulator.errors import UserError
 from workloads import ops
-from workloads.build import Step
+from workloads.build import Step, step_tokens
 from workloads.hf_config import HFConfig, experts_per_token, moe_layers
 
 IMPLEMENTATION = "mmsim"
@@ -170,6 +170,11 @@ def hf_step(cfg: HFConfig, phase: str, batch: int, context: int, prompt: int) ->
     dtype = getattr(torch, cfg.torch_dtype)
     meta = torch.device("meta")
     leaves = _leaves(model)
+
+    def call(**inputs: Any) -> None:
+        with _refused(cfg, "run"):
+            model(**inputs)
+
     if cfg.task != "causal":
         vision = cfg.config["vision_config"] if cfg.task == "clip" else cfg.config
         size, channels = vision["image_size"], vision["num_channels"]
@@ -178,12 +183,8 @@ def hf_step(cfg: HFConfig, phase: str, batch: int, context: int, prompt: int) ->
         if cfg.task == "clip":
             length = cfg.config["text_config"]["max_position_embeddings"]
             inputs["input_ids"] = torch.zeros(batch, length, dtype=torch.long, device=meta)
-        def forward() -> None:
-            with _refused(cfg, "run"):
-                model(**inputs)
-
-        return Step(model, forward, [], batch, leaves)
-    tokens, position = (1, context) if phase == "decode" else (prompt, 0)
+        return Step(model, lambda: call(**inputs), [], batch, leaves)
+    tokens, position = step_tokens(phase, context, prompt)
     with _refused(cfg, "allocate the KV cache of"):
         cache = _cache(model, batch, position + tokens, position, dtype)
     used = _route(cfg, model)
@@ -193,7 +194,6 @@ def hf_step(cfg: HFConfig, phase: str, batch: int, context: int, prompt: int) ->
 
     def run() -> None:
         used.clear()
-        with _refused(cfg, "run"):
-            model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
+        call(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
 
     return Step(model, run, state, batch * tokens, leaves, used)

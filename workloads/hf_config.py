@@ -17,7 +17,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict
 
 from simulator.errors import UserError
-from workloads.config import check_phase
+from workloads.config import DTYPES, check_phase
 from workloads.routing import Routing
 
 #: model_type → what one step of it is: a causal LM (decode, prefill), a vision encoder
@@ -26,7 +26,6 @@ HF_TASKS: dict[str, Literal["causal", "vision", "clip"]] = {
     "llama": "causal", "mistral": "causal", "mixtral": "causal", "qwen2": "causal",
     "qwen2_moe": "causal", "gemma2": "causal", "phi3": "causal", "gpt2": "causal",
     "gptj": "causal", "opt": "causal", "vit": "vision", "clip": "clip"}
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: Fields of published configs that transformers' config classes do not declare, accepted
 #: with why: most cannot change the cost; num_labels and projection_dim size heads (the
 #: closed form reads them).
@@ -231,7 +230,7 @@ class HFConfig(BaseModel):
 
     @property
     def dtype_bytes(self) -> int:
-        return DTYPE_BYTES[self.torch_dtype]
+        return DTYPES[self.torch_dtype]
 
     def key(self) -> str:
         return json.dumps(self.model_dump(), sort_keys=True)
@@ -443,8 +442,8 @@ def resolve_hf(data: dict[str, Any], model: str, overridden: set[str], name: str
         raise UserError(f"{model}: dtype", f"torch_dtype and dtype differ ({sorted(dtypes)}); "
                         "expected one value")
     dtype = dtypes.pop() if dtypes else "float32"  # transformers' default
-    if dtype not in DTYPE_BYTES:
-        raise UserError(f"{model}: torch_dtype", f"expected one of {', '.join(DTYPE_BYTES)}, "
+    if dtype not in DTYPES:
+        raise UserError(f"{model}: torch_dtype", f"expected one of {', '.join(DTYPES)}, "
                         f"not {dtype!r}")
     if fields.get("quantization_config") is not None:
         raise UserError(f"{model}: quantization_config",
@@ -458,7 +457,7 @@ def resolve_hf(data: dict[str, Any], model: str, overridden: set[str], name: str
             raise UserError(f"--model-set {key}", exc.message) from None
         raise
     cfg = HFConfig(model_type=kind, fields=fields, torch_dtype=dtype, name=name)
-    cfg.param_count  # noqa: B018 (validates the sizes the closed form reads)
+    param_count(cfg)  # validates the sizes the closed form reads
     if routing is not None:
         if not moe_layers(cfg):
             raise UserError("--moe-routing", f"{name} has no experts; expected the flag "
