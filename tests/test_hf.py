@@ -340,6 +340,14 @@ def test_hf_llama_and_our_llama_builder_trace_the_same_work(phase: str) -> None:
     assert hf == pytest.approx(mine, rel=0.05)
 
 
+def test_heads_must_divide_the_width_where_there_is_no_head_dim(tmp_path: Path) -> None:
+    for kind, change, field in (("vit", {"hidden_size": 66}, "num_attention_heads"),
+                                ("gpt2", {"n_head": 5}, "n_head"),
+                                ("opt", {"num_attention_heads": 5}, "num_attention_heads")):
+        with pytest.raises(UserError, match=f"{field}: .* heads do not divide"):
+            resolve_model(_file(tmp_path, kind, **change))
+
+
 def test_bad_values_are_one_line_refusals(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     from cli_helpers import refused

@@ -293,11 +293,25 @@ class HFConfig(BaseModel):
                             f"max_position_embeddings {limit}; expected at most {most}")
 
 
+def _heads_divide(cfg: dict[str, Any], name: str, hidden: str, heads: str,
+                  where: str = "") -> None:
+    """Architectures without a head_dim field split hidden_size evenly over the heads."""
+    if _int(cfg, hidden, name) % _int(cfg, heads, name):
+        raise UserError(f"{name}: {where}{heads}", f"{cfg[heads]} heads do not divide "
+                        f"{hidden} {cfg[hidden]}; expected a divisor of it")
+
+
 def shape_of(model: HFConfig) -> Shape:
     """The sizes of `model`, from its fields (validated here: they size the closed form)."""
     cfg, name, kind = model.config, model.name or model.model_type, model.model_type
+    if kind in {"gpt2", "gptj"}:
+        _heads_divide(cfg, name, "n_embd", "n_head")
+    elif kind in {"opt", "vit"}:
+        _heads_divide(cfg, name, "hidden_size", "num_attention_heads")
     if kind == "clip":
         text, vision = cfg["text_config"], cfg["vision_config"]
+        for tower, sub in (("text_config.", text), ("vision_config.", vision)):
+            _heads_divide(sub, name, "hidden_size", "num_attention_heads", tower)
         return Shape(_int(text, "num_hidden_layers", name) + _int(vision, "num_hidden_layers",
                                                                     name),
                      _int(vision, "hidden_size", name), _int(vision, "num_attention_heads", name),
@@ -327,18 +341,23 @@ def shape_of(model: HFConfig) -> Shape:
                  bool(cfg.get("tie_word_embeddings")))
 
 
-def _encoder_layer(d: int, inner: int, qkv_bias: bool = True) -> int:
-    """A ViT/CLIP encoder block: q, k, v (biased unless not), out with a bias, a 2-matrix
-    MLP, two LayerNorms."""
-    return 4 * d * d + (4 if qkv_bias else 1) * d + 2 * d * inner + inner + d + 4 * d
+def _encoder_layer(d: int, inner: int, qkv_bias: bool = True, width: int | None = None) -> int:
+    """A ViT/CLIP encoder block: q, k, v `width` wide (biased unless not), out with a bias, a
+    2-matrix MLP, two LayerNorms."""
+    a = width or d
+    return 4 * d * a + (3 * a if qkv_bias else 0) + d + 2 * d * inner + inner + d + 4 * d
 
 
-def _vision_tower(cfg: dict[str, Any], patch_bias: bool) -> int:
+def _vision_tower(cfg: dict[str, Any], patch_bias: bool, own_head_dim: bool) -> int:
+    """Patch and position embeddings and the encoder blocks; ViT sizes its attention by
+    head_dim (`own_head_dim`), CLIP's vision tower by hidden_size whatever head_dim says."""
     d, p = cfg["hidden_size"], cfg["patch_size"]
     patches = (cfg["image_size"] // p) ** 2
     embed = cfg["num_channels"] * p * p * d + (d if patch_bias else 0) + d + (patches + 1) * d
+    heads = cfg["num_attention_heads"]
+    width = heads * (cfg.get("head_dim") or d // heads) if own_head_dim else d
     return embed + cfg["num_hidden_layers"] * _encoder_layer(
-        d, cfg["intermediate_size"], bool(cfg.get("qkv_bias", True)))
+        d, cfg["intermediate_size"], bool(cfg.get("qkv_bias", True)), width)
 
 
 def _decoder_params(cfg: dict[str, Any], kind: str) -> int:
@@ -404,14 +423,14 @@ def param_count(model: HFConfig) -> int:
     if kind == "vit":
         d = cfg["hidden_size"]
         labels = cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2
-        return _vision_tower(cfg, True) + 2 * d + d * labels + labels
+        return _vision_tower(cfg, True, True) + 2 * d + d * labels + labels
     if kind == "clip":
         text, vision = cfg["text_config"], cfg["vision_config"]
         dt, dv, proj = text["hidden_size"], vision["hidden_size"], cfg["projection_dim"]
         text_params = ((text["vocab_size"] + text["max_position_embeddings"]) * dt
                        + text["num_hidden_layers"] * _encoder_layer(dt, text["intermediate_size"])
                        + 2 * dt)
-        vision_params = _vision_tower(vision, False) + 4 * dv  # pre- and post-LayerNorm
+        vision_params = _vision_tower(vision, False, False) + 4 * dv  # pre- and post-LayerNorm
         return text_params + vision_params + dt * proj + dv * proj + 1
     return _decoder_params(cfg, kind)
 
