@@ -11,7 +11,7 @@ from simulator.errors import Infeasible, UserError
 from simulator.hardware import Hardware, load_hardware
 from simulator.hardware.schema import Runtime
 from simulator.hardware.select import UnratedDtype, check_mapping
-from simulator.mapping import DEFAULT_GRANULARITY, Mapping, Task, map_trace
+from simulator.mapping import DEFAULT_GRANULARITY, Mapping, Task, UnsupportedPair, map_trace
 from simulator.power import energy
 from simulator.report import Result, build_result
 from simulator.workload.cache import get_trace
@@ -68,13 +68,13 @@ def _check_fits(hw: Hardware, trace: Trace) -> None:
 
 
 def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
-              granularity: int = DEFAULT_GRANULARITY, record: bool = False
-              ) -> tuple[Result, list[Task], Timeline]:
+              granularity: int = DEFAULT_GRANULARITY, record: bool = False,
+              quant: str | None = None) -> tuple[Result, list[Task], Timeline]:
     """Map and simulate a captured trace; also returns the tasks and timeline.
 
     Refused: a mapping the machine does not declare (`scheduling.mappings`), a granularity
     below 1, a model that does not fit, a matmul or attention dtype the machine has no rate
-    for (named as the model's torch_dtype).
+    for (named as the model's torch_dtype, or as the `quant` scheme that set it).
     """
     check_mapping(hw, mapping)
     if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
@@ -83,7 +83,11 @@ def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
     _check_fits(hw, trace)
     try:
         tasks = map_trace(trace, hw, mapping, granularity)
-    except UnratedDtype as exc:
+    except (UnratedDtype, UnsupportedPair) as exc:
+        if quant is not None:
+            raise UserError(f"--quant {quant}", exc.detail) from None
+        if isinstance(exc, UnsupportedPair):
+            raise
         raise exc.for_model(trace.model) from None
     timeline = simulate_tasks(hw, tasks, trace.tokens * HOST_BYTES_PER_TOKEN, record)
     return build_result(hw, trace, tasks, timeline, energy(hw, tasks, timeline), mapping), \
@@ -96,7 +100,8 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
              model_set: MappingType[str, str] | None = None,
              granularity: int = DEFAULT_GRANULARITY, use_cache: bool = True,
              trace_file: str | Path | None = None, plot_dir: str | Path | None = None,
-             runtime: Runtime | None = None, moe_routing: str | None = None) -> Result:
+             runtime: Runtime | None = None, moe_routing: str | None = None,
+             quant: str | None = None) -> Result:
     """Simulate one step of `model` on `hw`.
 
     decode (a causal LM's default): one new token for each of `batch` sequences after
@@ -107,7 +112,8 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
     `model_set` overrides config fields; `moe_routing` is an MoE model's routing policy.
     `trace_file` receives a Chrome/Perfetto timeline of the run; `plot_dir` the per-layer
     breakdown and roofline PNGs. `runtime` (eager or cuda_graphs) replaces the host runtime
-    the hardware file models (`overheads.runtime`); None keeps it.
+    the hardware file models (`overheads.runtime`); None keeps it. `quant` applies a
+    quantization scheme to the blocks' linears (simulator.workload.quant).
     """
     machine = hw if isinstance(hw, Hardware) else load_hardware(hw, hw_set)
     machine = with_runtime(machine, runtime)
@@ -121,8 +127,12 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
         cfg = model
     phase, context, prompt = step_shape(cfg, phase, batch, context, prompt)
     trace = get_trace(cfg, phase, batch, context, prompt, use_cache=use_cache)
+    if quant is not None:
+        from simulator.workload.quant import quantize
+
+        trace = quantize(trace, quant)
     result, _, timeline = run_trace(machine, trace, mapping, granularity,
-                                    record=trace_file is not None)
+                                    record=trace_file is not None, quant=quant)
     if trace_file is not None:
         from simulator.files import write_atomic
         from simulator.timeline import to_json

@@ -82,6 +82,10 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moe-routing", default=None, metavar="POLICY",
                         help="MoE models: tokens per expert: balanced (default), random:SEED, "
                              "zipf:S[:SEED] or file:PATH (per-layer histogram)")
+    parser.add_argument("--quant", default=None, metavar="SCHEME",
+                        help="quantize the blocks' linears: w8a8, w4a16, w4a8, w4a4, "
+                             "w4a4-quarot, w4a4-flatquant, fp8 or w2a8 (kernels it adds, "
+                             "weights and KV bytes: see simulator.workload.quant)")
     parser.add_argument("--context", type=int, default=None,
                         help="decode: tokens already in the KV cache/state (default 2048, "
                              "or the model's positions − 1 if fewer)")
@@ -155,7 +159,7 @@ def _run(argv: Sequence[str]) -> int:
         granularity=DEFAULT_GRANULARITY if args.granularity is None else args.granularity,
         use_cache=not args.no_cache,
         trace_file=args.trace, plot_dir=args.plot, runtime=args.runtime,
-        moe_routing=args.moe_routing)
+        moe_routing=args.moe_routing, quant=args.quant)
     if args.format == "json":
         print(result.to_json())
     elif args.format == "csv":
@@ -189,6 +193,10 @@ def _trace(argv: Sequence[str]) -> int:
                         args.moe_routing)
     phase, context, prompt = step_shape(cfg, args.phase, args.batch, args.context, args.prompt)
     trace = get_trace(cfg, phase, args.batch, context, prompt)
+    if args.quant is not None:
+        from simulator.workload.quant import quantize
+
+        trace = quantize(trace, args.quant)
     write_atomic(args.output, trace.to_json(), "-o")
     print(f"{len(trace.ops)} ops of {trace.model} ({trace.phase}) written to {args.output}")
     return 0
@@ -267,7 +275,11 @@ def _op(argv: Sequence[str]) -> int:
     for name in ("m", "n", "k"):
         gemm.add_argument(f"--{name}", type=int, required=True)
     gemm.add_argument("--batch", type=int, default=1)
-    gemm.add_argument("--dtype", default="bf16")
+    gemm.add_argument("--dtype", default="bf16", help="activation dtype (default bf16)")
+    gemm.add_argument("--weight-dtype", default="",
+                      help="dtype B is stored in (default: --dtype): int4 with fp16/bf16 is a "
+                           "W4A16 kernel, int2 or ternary with int8 a W2A8 one; the machine's "
+                           "cores.units.*.kernels lists the pairs it runs")
     attention = kernels.add_parser("attention", help="scaled dot-product attention",
                                    description="scaled dot-product attention, FlashAttention-2 "
                                                "FLOP convention")
@@ -297,7 +309,8 @@ def _op(argv: Sequence[str]) -> int:
         overrides["scheduling.fused_attention"] = False
     hw = load_hardware(args.hw, overrides)
     if args.kernel == "gemm":
-        result = run_op(hw, gemm_op(args.m, args.n, args.k, args.dtype, args.batch))
+        result = run_op(hw, gemm_op(args.m, args.n, args.k, args.dtype, args.batch,
+                                    args.weight_dtype))
     else:
         if args.backward and args.mode not in (None, "fwd_bwd"):
             raise UserError("--backward",
@@ -310,7 +323,9 @@ def _op(argv: Sequence[str]) -> int:
     else:
         from simulator.table import render_kernel
 
-        render_kernel(result, dtype=args.dtype)
+        weight = getattr(args, "weight_dtype", "") or args.dtype
+        render_kernel(result, dtype=args.dtype if weight == args.dtype else
+                      f"{args.dtype} activations × {weight} weights")
     return 0
 
 

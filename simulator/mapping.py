@@ -27,10 +27,10 @@ import math
 from dataclasses import dataclass, replace
 
 from simulator.errors import UserError
-from simulator.hardware.schema import Hardware, MappingMode, Unit
+from simulator.hardware.schema import Hardware, LowBitKernel, MappingMode, Unit
 from simulator.hardware.select import rate, unit_for, vector_ns
 from simulator.schedule import Range, Schedule, SliceSchedule, StreamSchedule, spans
-from simulator.tiling import DTYPE_BYTES, CoreWork, flash_work, gemm_work
+from simulator.tiling import DTYPE_BYTES, CoreWork, fetch_bytes_per_ns, flash_work, gemm_work
 from simulator.workload.trace import Op, Trace
 
 Mapping = MappingMode
@@ -56,6 +56,9 @@ class Part:
     sram_bytes: float
     compute_ns: float
     latency_ns: float
+    #: ns the core's port is held per byte it fetches (its access rate, or what it keeps in
+    #: flight over the access latency); 0: the machine's access rate
+    port_ns_per_byte: float = 0.0
 
     @property
     def size(self) -> int:
@@ -217,7 +220,9 @@ def _generic(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: in
             cores=tuple(cores), channel=channel, unit=unit_name,
             chunks=_chunks(max(load + store, l2_bytes), hw.cores.sram, granularity),
             dram_load_bytes=load, dram_store_bytes=store, l2_bytes=l2_bytes,
-            sram_bytes=sram_bytes, compute_ns=compute_ns, latency_ns=unit.latency.ns(clock)))
+            sram_bytes=sram_bytes, compute_ns=compute_ns, latency_ns=unit.latency.ns(clock),
+            port_ns_per_byte=_port_ns_per_byte(hw, _stream_in_flight(hw), load, store,
+                                               l2_bytes)))
     chunks = [1] * len(shares)
     for part in parts:
         for core in part.cores:
@@ -227,6 +232,21 @@ def _generic(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: in
     return tuple(parts), SliceSchedule(rows, cols, tuple(chunks))
 
 
+def _stream_in_flight(hw: Hardware) -> float:
+    return hw.cores.stream_in_flight or 0.0
+
+
+def _port_ns_per_byte(hw: Hardware, in_flight: float, dram_load: float, store: float,
+                      l2_bytes: float) -> float:
+    """A part's port time per byte (0: the machine's access rate): its loads and stores
+    move at what it keeps in flight over their latency (Little's law; DRAM's for the
+    share that goes to DRAM, the L2's for the rest)."""
+    moved = l2_bytes or dram_load + store
+    if in_flight <= 0 or moved <= 0:
+        return 0.0
+    return 1.0 / fetch_bytes_per_ns(hw, in_flight, min(1.0, (dram_load + store) / moved))
+
+
 def _from_work(work: list[CoreWork], hw: Hardware, unit_name: str, unit: Unit,
                granularity: int) -> Stage:
     """Group cores with identical work into parts."""
@@ -234,16 +254,20 @@ def _from_work(work: list[CoreWork], hw: Hardware, unit_name: str, unit: Unit,
     for core, item in enumerate(work):
         groups.setdefault(item, []).append(core)
     shared_cache = hw.memory.l2 is not None
-    return tuple(
-        Part(cores=tuple(cores), channel=0, unit=unit_name,
-             chunks=max(1, min(item.units, granularity)),
-             # without a shared L2 every tile's loads, re-reads included, come from DRAM
-             dram_load_bytes=item.dram_load_bytes if shared_cache else max(
-                 item.dram_load_bytes, item.l2_bytes - item.dram_store_bytes),
-             dram_store_bytes=item.dram_store_bytes,
-             l2_bytes=item.l2_bytes if shared_cache else 0.0, sram_bytes=0.0,
-             compute_ns=item.compute_ns, latency_ns=unit.latency.ns(hw.core_clock))
-        for item, cores in groups.items())
+    parts = []
+    for item, cores in groups.items():
+        # without a shared L2 every tile's loads, re-reads included, come from DRAM
+        load = item.dram_load_bytes if shared_cache else max(
+            item.dram_load_bytes, item.l2_bytes - item.dram_store_bytes)
+        l2_bytes = item.l2_bytes if shared_cache else 0.0
+        parts.append(Part(
+            cores=tuple(cores), channel=0, unit=unit_name,
+            chunks=max(1, min(item.units, granularity)), dram_load_bytes=load,
+            dram_store_bytes=item.dram_store_bytes, l2_bytes=l2_bytes, sram_bytes=0.0,
+            compute_ns=item.compute_ns, latency_ns=unit.latency.ns(hw.core_clock),
+            port_ns_per_byte=_port_ns_per_byte(hw, item.in_flight, load,
+                                               item.dram_store_bytes, l2_bytes)))
+    return tuple(parts)
 
 
 def _streaming(hw: Hardware, elements: float, read: float, write: float, ops: float,
@@ -253,26 +277,83 @@ def _streaming(hw: Hardware, elements: float, read: float, write: float, ops: fl
     found = unit_for(hw, kind, "fp32", kind)
     per_core = elements / cores
     work = [CoreWork(1, vector_ns(hw, per_core * ops, fn, kind, "fp32"),
-                     per_core * (read + write), per_core * read, per_core * write)] * cores
+                     per_core * (read + write), per_core * read, per_core * write,
+                     _stream_in_flight(hw))] * cores
     return (_from_work(work, hw, found[0], found[1], granularity),
             StreamSchedule(elements, cores))
 
 
 def _gemm(hw: Hardware, unit_name: str, unit: Unit, per_cycle: float, granularity: int,
-          m: int, n: int, k: int, batch: int, elem: tuple[float, float, float]) -> Kernel:
-    schedule, work = gemm_work(hw, unit, per_cycle, m, n, k, batch, elem)
+          m: int, n: int, k: int, batch: int, elem: tuple[float, float, float],
+          decode: float = 0.0) -> Kernel:
+    schedule, work = gemm_work(hw, unit, per_cycle, m, n, k, batch, elem, decode)
     return _from_work(work, hw, unit_name, unit, granularity), schedule
 
 
-def _tiled_matmul(op: Op, hw: Hardware, unit_name: str, unit: Unit, per_cycle: float,
-                  granularity: int) -> tuple[Kernel, ...]:
+def weight_dtype(op: Op) -> str:
+    """The dtype a matmul's weights are stored in (a ternary matmul's: ternary)."""
+    if op.kind == "ternary_matmul":
+        return "ternary"
+    return op.weight_dtype or op.dtype
+
+
+class UnsupportedPair(UserError):
+    """A matmul whose activation × weight dtypes no kernel of the machine runs (named after
+    `simulate op`'s --weight-dtype; a quantized model names its --quant instead)."""
+
+    def __init__(self, hw: Hardware, unit_name: str, unit: Unit, act: str, weight: str) -> None:
+        pairs = ", ".join(f"{k.act}×{k.weight}" for k in unit.kernels) or "none"
+        self.detail = (f"{hw.source}: cores.units.{unit_name}.kernels has no {act} activation "
+                       f"× {weight} weight GEMM (it lists {pairs}); expected a pair the machine "
+                       "runs")
+        super().__init__(f"--weight-dtype {weight}", self.detail)
+
+
+def low_bit_kernel(hw: Hardware, unit_name: str, unit: Unit, op: Op) -> LowBitKernel | None:
+    """The mixed-dtype kernel a matmul runs on a matrix unit (None: both operands in
+    op.dtype); a pair the machine has no kernel for is refused."""
+    act, weight = ("int8" if op.kind == "ternary_matmul" else op.dtype), weight_dtype(op)
+    if weight == act:
+        return None
+    for kernel in unit.kernels:
+        if (kernel.act, kernel.weight) == (act, weight):
+            return kernel
+    raise UnsupportedPair(hw, unit_name, unit, act, weight)
+
+
+@dataclass(frozen=True)
+class MatmulInputs:
+    """What a matmul's tile plan is computed from: the MMA dtype, the rate its main loop
+    sustains (FLOPs per cycle), bytes per element of A, B (as stored) and C, and the
+    vector-unit ops per weight that unpack B."""
+
+    rate_key: str
+    rate: float
+    elem: tuple[float, float, float]
+    unpack: float
+
+
+def matmul_inputs(op: Op, hw: Hardware, unit_name: str, unit: Unit) -> MatmulInputs:
+    """The tile plan's inputs of a matmul on a tiled matrix unit (the same for the timing
+    and for `simulate check`)."""
+    kernel = low_bit_kernel(hw, unit_name, unit, op)
+    rate_key, per_cycle = rate(unit, kernel.mma if kernel else (
+        "ternary" if unit.kind == "ternary" else op.dtype))
     d = op.dims
     m, n, k, batch = d["m"], d["n"], d["k"], d["batch"]
-    a_bytes = DTYPE_BYTES.get(op.dtype, 2)
+    a_bytes = DTYPE_BYTES.get("int8" if op.kind == "ternary_matmul" else op.dtype, 2)
     b_bytes = op.weight_bytes / (k * n * batch) if op.weight_bytes else a_bytes
     c_bytes = op.output_bytes / (m * n * batch)
-    return (_gemm(hw, unit_name, unit, per_cycle, granularity, m, n, k, batch,
-                  (a_bytes, b_bytes, c_bytes)),)
+    sustained = per_cycle * unit.dtype_efficiency.get(rate_key, 1.0)  # type: ignore[call-overload]
+    return MatmulInputs(rate_key, sustained, (a_bytes, b_bytes, c_bytes),
+                        unit.unpack[kernel.weight] if kernel else 0.0)
+
+
+def _tiled_matmul(op: Op, hw: Hardware, unit_name: str, unit: Unit, granularity: int,
+                  inputs: MatmulInputs) -> tuple[Kernel, ...]:
+    d = op.dims
+    return (_gemm(hw, unit_name, unit, inputs.rate, granularity, d["m"], d["n"], d["k"],
+                  d["batch"], inputs.elem, inputs.unpack),)
 
 
 def _tiled_attention(op: Op, hw: Hardware, unit_name: str, unit: Unit, per_cycle: float,
@@ -323,7 +404,9 @@ def map_op(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: int)
     rate_key, per_cycle = rate(unit, "ternary" if unit.kind == "ternary" else op.dtype)
     tiled = unit.kind == "matrix" and bool(unit.tiles) and mapping == "tensor"
     if tiled and op.kind in {"matmul", "ternary_matmul"}:
-        kernels = _tiled_matmul(op, hw, unit_name, unit, per_cycle, granularity)
+        inputs = matmul_inputs(op, hw, unit_name, unit)
+        rate_key = inputs.rate_key
+        kernels = _tiled_matmul(op, hw, unit_name, unit, granularity, inputs)
     elif tiled and op.kind == "attention":
         kernels = _tiled_attention(op, hw, unit_name, unit, per_cycle, granularity)
     else:
@@ -336,7 +419,8 @@ def map_op(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: int)
 
 def _signature(op: Op) -> tuple:
     """What the mapping of an op depends on: everything but its name, place and producers."""
-    return (op.fn, op.kind, op.dtype, op.ops, op.weight_bytes, op.state_read_bytes,
+    return (op.fn, op.kind, op.dtype, op.weight_dtype, op.ops, op.weight_bytes,
+            op.state_read_bytes,
             op.state_write_bytes, op.input_bytes, op.output_bytes, tuple(sorted(op.dims.items())))
 
 

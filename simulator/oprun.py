@@ -11,6 +11,7 @@ forward+backward 3.5 × forward, timed as the forward plus the backward kernels
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -58,16 +59,60 @@ def _dtype(dtype: str) -> float:
     return DTYPE_BYTES[dtype]
 
 
-def gemm_op(m: int, n: int, k: int, dtype: str = "bf16", batch: int = 1) -> Op:
-    """C (M×N) = A (M×K) · B (K×N), B held like a weight, output in the input type."""
+#: The output dtype of a GEMM by activation dtype: integer kernels dequantize to fp16.
+OUTPUT_DTYPES = {"int8": "fp16", "int4": "fp16", "fp8": "bf16"}
+
+
+def gemm_op(m: int, n: int, k: int, dtype: str = "bf16", batch: int = 1,
+            weight_dtype: str = "") -> Op:
+    """C (M×N) = A (M×K) · B (K×N), B held like a weight in `weight_dtype` (default: the
+    activations' `dtype`); the output is in the activation type, fp16 after an integer
+    GEMM (its scales applied in the epilogue) and bf16 after an fp8 one."""
     _check(m=m, n=n, k=k, batch=batch)
     elem = _dtype(dtype)
+    weight = weight_dtype or dtype
+    if weight not in DTYPE_BYTES:
+        raise UserError("--weight-dtype",
+                        f"expected one of {', '.join(DTYPE_BYTES)}, not '{weight}'")
+    out = DTYPE_BYTES[OUTPUT_DTYPES.get(dtype, dtype)]
+    label = dtype if weight == dtype else f"{dtype}x{weight}"
     return Op(index=0, name="gemm", fn="mm", kind="matmul", module="gemm", layer="gemm",
-              dtype=dtype, ops=2 * batch * m * n * k, weight_bytes=int(batch * k * n * elem),
-              state_read_bytes=0, state_write_bytes=0, input_bytes=int(batch * m * k * elem),
-              output_bytes=int(batch * m * n * elem),
+              dtype=dtype, ops=2 * batch * m * n * k,
+              weight_bytes=math.ceil(batch * k * n * DTYPE_BYTES[weight]),
+              state_read_bytes=0, state_write_bytes=0, input_bytes=math.ceil(batch * m * k * elem),
+              output_bytes=int(batch * m * n * out),
               dims={"m": m, "n": n, "k": k, "batch": batch, "parallel": batch * n}, deps=(),
-              shapes=f"[{m},{k}]x[{k},{n}]{dtype}")
+              shapes=f"[{m},{k}]x[{k},{n}]{label}",
+              weight_dtype="" if weight == dtype else weight)
+
+
+#: STREAM kernels (te42kyfo/gpu-benches cuda-stream): 8-byte loads and stores per element.
+STREAMS = {"init": (0, 1), "read": (1, 0), "scale": (1, 1), "triad": (2, 1)}
+
+
+def run_stream(hw: Hardware, stream: str, threads: int, elements: int) -> KernelResult:
+    """One STREAM kernel over `elements` doubles with `threads` resident threads per core,
+    each keeping its 8-byte access per array in flight: the machine's streaming in-flight
+    bytes become threads × 8 B × arrays. `bytes_moved` counts what the benchmark counts:
+    8 B per element per array touched."""
+    if stream not in STREAMS:
+        raise UserError("stream", f"expected one of {', '.join(STREAMS)}, not '{stream}'")
+    _check(threads=threads)
+    if not 1 <= elements <= 1 << 40:
+        raise UserError("elements", f"expected a whole number from 1 to 2^40, not {elements}")
+    loads, stores = STREAMS[stream]
+    in_flight = threads * 8 * (loads + stores)
+    machine = hw.model_copy(update={"cores": hw.cores.model_copy(
+        update={"stream_in_flight": float(in_flight)})})
+    op = Op(index=0, name="stream", fn=stream, kind="memory", module="stream", layer="stream",
+            dtype="fp32", ops=elements, weight_bytes=0, state_read_bytes=0, state_write_bytes=0,
+            input_bytes=8 * loads * elements, output_bytes=8 * stores * elements,
+            dims={"numel": elements, "parallel": elements}, deps=(), shapes=f"[{elements}]f64")
+    result = run_op(machine, op)
+    moved = 8 * (loads + stores) * elements
+    return KernelResult(hardware=hw.name, kernel=f"stream-{stream}", latency_s=result.latency_s,
+                        flops=0.0, bytes_moved=moved, tflops=0.0,
+                        shape={"threads": threads, "elements": elements, "stream": stream})
 
 
 def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool,

@@ -59,7 +59,7 @@ def test_unfused_curve_is_predicted_without_fitting(attention: dict) -> None:
     assert not {o.case.id for o in pytorch} & {case.id for case in fitted_cases()}
     # the known one-sided bias is reported, and stays what the case notes say it is
     errors = sorted(o.error for o in pytorch)
-    assert errors[0] > 0.05 and errors[-1] < 0.35
+    assert errors[0] > 0.0 and errors[-1] < 0.25
     assert any(line.startswith("one-sided bias: pytorch-unfused") for line in bias_lines(pytorch))
 
 

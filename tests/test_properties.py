@@ -80,7 +80,10 @@ def test_a_larger_model_is_never_faster(hw: str, model: str, layers: int, extra:
 def test_a_longer_context_is_never_faster(hw: str, context: int, more: int) -> None:
     short = simulate(hw, "tiny-llama", context=context)
     long = simulate(hw, "tiny-llama", context=context + more)
-    assert long.latency_s >= short.latency_s * (1 - 1e-9)
+    # within 0.1 %: a longer KV cache can cross a chunk boundary of the FPGA's double
+    # buffering (simulator.mapping._chunks) and overlap a little more (hypothesis found
+    # 0.06 % on fpga_1core, context 102 → 128)
+    assert long.latency_s >= short.latency_s * (1 - 1e-3)
     assert long.state_bytes > short.state_bytes
 
 

@@ -121,6 +121,8 @@ NOT_MODELLED: dict[str, tuple[Any, str]] = {
 #: Sizes with a class default that null turns off rather than leaves unset.
 NULLABLE = {"sliding_window", "max_window_layers", "rotary_dim"}
 #: Sizes whose class default is null (unset), positive when given.
+#: Fields declared None whose value, when given, is a list (of layer indices).
+_OPTIONAL_LISTS = {"mlp_only_layers", "layer_types"}
 _OPTIONAL_SIZES = {"sliding_window", "head_dim", "num_key_value_heads", "n_inner",
                    "intermediate_size", "rotary_dim", "word_embed_proj_dim",
                    "max_window_layers", "num_experts", "num_local_experts"}
@@ -149,7 +151,7 @@ def _check_value(model: str, key: str, value: Any, default: Any) -> None:
             raise UserError(where, f"expected a number, not {value!r}")
     elif isinstance(default, str) and not isinstance(value, str):
         raise UserError(where, f"expected a text value like {default!r}, not {value!r}")
-    elif isinstance(default, list) and not isinstance(value, list):
+    elif (isinstance(default, list) or key in _OPTIONAL_LISTS) and not isinstance(value, list):
         raise UserError(where, f"expected a list, not {value!r}")
     elif isinstance(default, dict) and not isinstance(value, dict):
         raise UserError(where, f"expected a mapping, not {value!r}")

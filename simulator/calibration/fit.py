@@ -1,8 +1,9 @@
 """Least-squares fitting of hardware parameters against reference cases, on the simulator.
 
 Gauss-Newton on relative errors: sample the simulator at the current values and one step
-along each parameter, solve the linearised least-squares problem, repeat until the
-values settle. With as many cases as parameters the fit is exact.
+along each parameter, solve the linearised least-squares problem, take the step (halved
+until it lowers the error), repeat until the values settle. With as many cases as
+parameters the fit is exact.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def rms_error(cases: list[Case], parameters: list[Parameter], values: list[float
     return float(np.sqrt(np.mean(np.square(errors))))
 
 
+#: Times a Gauss-Newton step is halved before the fit stops.
+HALVINGS = 8
+
+
 def fit(cases: list[Case], parameters: list[Parameter], fixed: dict[str, str] | None = None,
         iterations: int = 10, start: list[float] | None = None) -> list[float]:
     """Parameter values minimising Σ ((simulated − reference) / reference)² over `cases`,
@@ -69,14 +74,27 @@ def fit(cases: list[Case], parameters: list[Parameter], fixed: dict[str, str] | 
             slopes = []
             for i, parameter in enumerate(parameters):
                 moved = list(values)
-                moved[i] += parameter.step
+                # step inwards at the upper bound (some values, e.g. a clock, have a ceiling)
+                step = parameter.step if values[i] + parameter.step <= parameter.high else (
+                    -parameter.step)
+                moved[i] += step
                 slopes.append((measure_with(case, parameters, moved, fixed) - here)
-                              / parameter.step / case.reference)
+                              / step / case.reference)
             rows.append(slopes)
             rhs.append((case.reference - here) / case.reference)
         delta = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0]
-        values = [float(np.clip(v + d, p.low, p.high))
-                  for v, d, p in zip(values, delta, parameters, strict=True)]
+        # a step is taken only where it lowers the error, halved until it does (the
+        # simulator is piecewise: a tile choice or a max() of pipes changes under it)
+        now = float(np.sum(np.square(rhs)))
+        for _ in range(HALVINGS):
+            trial = [float(np.clip(v + d, p.low, p.high))
+                     for v, d, p in zip(values, delta, parameters, strict=True)]
+            if rms_error(cases, parameters, trial, fixed) ** 2 * len(cases) < now:
+                break
+            delta = delta / 2
+        else:
+            break
+        values = trial
         if all(abs(d) <= 1e-7 * max(1.0, abs(v)) for d, v in zip(delta, values, strict=True)):
             break
     return values

@@ -33,7 +33,8 @@ def calibrate(start: list[float] | None = None, iterations: int = 10) -> dict[st
     return {p.path: v for p, v in zip(PARAMETERS, values, strict=True)}
 
 
-FILES = ("gpu_a100", "gpu_a100_40gb", "gpu_h100")
+FILES = ("gpu_a100", "gpu_a100_40gb", "gpu_a100_pcie", "gpu_h100", "gpu_h200", "gpu_rtx3090",
+         "gpu_l40s")
 
 
 def formatted(values: dict[str, float]) -> dict[str, str]:

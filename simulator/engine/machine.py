@@ -138,6 +138,14 @@ def channel_bandwidth(hw: Hardware) -> float:
                                                            else 1)
 
 
+def turnaround_factor(hw: Hardware, read: float, write: float) -> float:
+    """How much longer DRAM takes for a part's bytes when it mixes reads and writes."""
+    total = read + write
+    if total <= 0 or not hw.memory.dram.turnaround:
+        return 1.0
+    return 1.0 + hw.memory.dram.turnaround * 2 * min(read, write) / total
+
+
 class Machine:
     """SimPy resources of one `Hardware`, and the processes that move bytes through them."""
 
@@ -198,20 +206,25 @@ class Machine:
 
     def dram_transfer(self, nbytes: float, cores: tuple[int, ...], channel: int,
                       through_port: bool = True, wait_latency: bool = True,
-                      op: int = -1) -> Process:
+                      op: int = -1, port_ns_per_byte: float = 0.0,
+                      mix: float = 1.0) -> Process:
         """Identical `cores` each move `nbytes` over `channel`.
 
         A core's port is held for its accesses (access width × access interval), so ops
         on one core share it; the channel is held for the accesses of the whole group,
         each occupying at least a burst, so cores on one channel contend. Where an L2
         feeds the cores (`through_port` false) only the channel is held here. Without
-        `wait_latency` the caller accounts for the access latency itself.
+        `wait_latency` the caller accounts for the access latency itself. A part that keeps
+        few bytes in flight holds its port `port_ns_per_byte` per byte instead (its fetch
+        rate by Little's law). `mix` stretches the channel time of a part that both reads
+        and writes (`turnaround_factor`).
         """
         accesses = nbytes / self.access_bytes
-        occupied = len(cores) * accesses * self.occupancy_ns
+        occupied = len(cores) * accesses * self.occupancy_ns * mix
+        port_ns = nbytes * port_ns_per_byte if port_ns_per_byte else accesses * self.interval_ns
         yield from self._through(self.dram[channel], f"dram{channel}", occupied,
-                                 cores[0] if through_port else None,
-                                 accesses * self.interval_ns, op, len(cores) * nbytes)
+                                 cores[0] if through_port else None, port_ns, op,
+                                 len(cores) * nbytes)
         self.usage.add(f"dram{channel}", occupied)
         self.usage.add_bytes(f"dram{channel}", len(cores) * nbytes)
         self.usage.dram_bytes += len(cores) * nbytes
@@ -220,11 +233,14 @@ class Machine:
         if wait_latency:
             yield self.env.timeout(self.dram_latency_ns)
 
-    def l2_transfer(self, nbytes: float, cores: tuple[int, ...], op: int = -1) -> Process:
-        """Identical `cores` each move `nbytes` between the shared L2 and their port."""
+    def l2_transfer(self, nbytes: float, cores: tuple[int, ...], op: int = -1,
+                    port_ns_per_byte: float = 0.0) -> Process:
+        """Identical `cores` each move `nbytes` between the shared L2 and their port (held
+        `port_ns_per_byte` per byte where given, as in `dram_transfer`)."""
         assert self.l2 is not None
         held = len(cores) * nbytes * self.l2_ns_per_byte
-        port = nbytes / self.access_bytes * self.interval_ns
+        port = (nbytes * port_ns_per_byte if port_ns_per_byte
+                else nbytes / self.access_bytes * self.interval_ns)
         yield from self._through(self.l2, "l2", held, cores[0], port, op, len(cores) * nbytes)
         self.usage.add("l2", held)
         self.usage.add_bytes("l2", len(cores) * nbytes)

@@ -20,7 +20,15 @@ from dataclasses import dataclass, field, replace
 
 import simpy
 
-from simulator.engine.machine import Fifo, Machine, Process, Slice, Tokens, Usage
+from simulator.engine.machine import (
+    Fifo,
+    Machine,
+    Process,
+    Slice,
+    Tokens,
+    Usage,
+    turnaround_factor,
+)
 from simulator.hardware.schema import Hardware
 from simulator.mapping import Part, Task
 
@@ -83,6 +91,7 @@ class _Run:
         store = part.dram_store_bytes / chunks
         l2 = part.l2_bytes / chunks
         compute = part.compute_ns / chunks
+        mix = turnaround_factor(self.hw, part.dram_load_bytes, part.dram_store_bytes)
         arrived = slots = None
         if load or l2:  # a pipeline of `stages` chunks in flight ahead of the compute
             arrived, slots = Tokens(env, 0), Tokens(env, self.stages)
@@ -103,7 +112,8 @@ class _Run:
                                          env.now))
             if store:
                 stores.append(env.process(machine.dram_transfer(
-                    store, part.cores, part.channel, through_port=not part.l2_bytes, op=index)))
+                    store, part.cores, part.channel, through_port=not part.l2_bytes, op=index,
+                    mix=mix)))
         if stores:
             yield simpy.AllOf(env, stores)
         self.events += 2 * chunks
@@ -114,12 +124,16 @@ class _Run:
         access latency after its bytes have crossed, without holding up the next load."""
         env, machine = self.env, self.machine
         latency = machine.dram_latency_ns if load else 0.0
+        mix = turnaround_factor(self.hw, part.dram_load_bytes, part.dram_store_bytes)
         for _ in range(chunks):
             if (wait := slots.take()) is not None:
                 yield wait
             dram = machine.dram_transfer(load, part.cores, part.channel, through_port=not l2,
-                                         wait_latency=False, op=index) if load else None
-            cache = machine.l2_transfer(l2, part.cores, op=index) if l2 else None
+                                         wait_latency=False, op=index,
+                                         port_ns_per_byte=part.port_ns_per_byte,
+                                         mix=mix) if load else None
+            cache = machine.l2_transfer(l2, part.cores, op=index,
+                                        port_ns_per_byte=part.port_ns_per_byte) if l2 else None
             if dram and cache:
                 yield simpy.AllOf(env, [env.process(dram), env.process(cache)])
             else:

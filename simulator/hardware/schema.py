@@ -158,6 +158,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LowBitKernel(Strict):
+    """A GEMM kernel whose weights are stored in a narrower type than its activations (or
+    both quantized): the weights are unpacked on the vector unit inside the K loop (the
+    matrix unit's `unpack` cost of the weight dtype) and multiplied in `mma`."""
+
+    act: DType = Field(description="activation dtype")
+    weight: DType = Field(description="stored weight dtype")
+    mma: DType = Field(description="dtype the matrix unit multiplies in")
+
+
 class Unit(Strict):
     """A functional unit inside a core.
 
@@ -182,6 +192,38 @@ class Unit(Strict):
     tiles: tuple[tuple[TileSize, TileSize, TileSize], ...] = Field(
         default=(), description="thread-block tiles (tm, tn, tk) a GEMM library picks from; "
                                 "empty: ops are split across cores without tiling")
+    step_overhead: DelayField = Field(
+        default=Delay(), description="fixed cost of each K step of a tile, not hidden by its "
+                                     "pipes: the barrier and pipeline wait between stages")
+    tile_overhead: DelayField = Field(
+        default=Delay(), description="fixed cost of each thread-block tile besides its K loop: "
+                                     "prologue (first loads in flight) and epilogue sync")
+    kernels: tuple[LowBitKernel, ...] = Field(
+        default=(), description="mixed-dtype GEMM kernels (activation × weight pairs) the "
+                                "machine's libraries provide, beyond same-dtype ones")
+    dtype_efficiency: dict[DType, Fraction] = Field(
+        default_factory=dict, description="share of the rated rate a GEMM main loop sustains "
+                                          "in a dtype where no mechanism explains the "
+                                          "shortfall (a fitted, empirical term); default 1")
+    unpack: dict[DType, Annotated[float, Field(ge=0, le=64, allow_inf_nan=False)]] = Field(
+        default_factory=dict, description="vector-unit integer ops per weight element, per "
+                                          "tile that multiplies it, to unpack weights stored "
+                                          "in this dtype (by kernels)")
+
+    @model_validator(mode="after")
+    def _kernels_rated(self) -> Unit:
+        seen = set()
+        for kernel in self.kernels:
+            pair = f"kernel {kernel.act}×{kernel.weight}"
+            if kernel.mma not in self.ops_per_cycle:
+                raise ValueError(f"{pair} runs its MMA in {kernel.mma}, which ops_per_cycle "
+                                 "does not rate")
+            if kernel.weight not in self.unpack:
+                raise ValueError(f"{pair} needs unpack.{kernel.weight} (ops per weight)")
+            if (kernel.act, kernel.weight) in seen:
+                raise ValueError(f"{pair} is listed twice")
+            seen.add((kernel.act, kernel.weight))
+        return self
 
 
 class Cores(Strict):
@@ -194,6 +236,15 @@ class Cores(Strict):
     pipeline_stages: int = Field(
         default=2, ge=1, le=16, strict=True,
         description="chunks a core's loads may run ahead of its compute (2: double buffering)")
+    sram_bandwidth: int | None = Field(
+        default=None, ge=1, le=1 << 16, strict=True,
+        description="bytes per cycle a core's tile buffer (shared memory) feeds its matrix "
+                    "unit; none: not a limit")
+    stream_in_flight: Size | None = Field(
+        default=None, description="bytes of loads a core keeps in flight in streaming "
+                                  "(element-wise, norm, softmax) kernels; with the DRAM "
+                                  "latency it caps the core's fetch rate (Little's law); none: "
+                                  "no cap")
 
 
 class Dram(Strict):
@@ -202,6 +253,15 @@ class Dram(Strict):
     bandwidth_per_channel: Bandwidth = Field(examples=["19.2 GB/s"])
     efficiency: Fraction = 1.0
     latency: DelayField = Delay()
+    queue_bandwidth: Bandwidth | None = Field(
+        default=None, description="loaded latency: the access latency grows by the bytes in "
+                                  "flight across all cores over this rate (queueing in the "
+                                  "memory system); none: latency is fixed")
+    turnaround: float = Field(
+        default=0.0, ge=0, le=4, allow_inf_nan=False,
+        description="extra channel time of a kernel that mixes reads and writes (bus "
+                    "turnarounds): its DRAM bytes take 1 + turnaround × 2·min(read, write) / "
+                    "(read + write) times as long; 0: none")
     capacity: Size = Field(examples=["32 GiB"])
     access_width: Bits = Field(
         examples=["512 bit"],
@@ -341,6 +401,11 @@ class PowerModel(Strict):
     op_energy: dict[UnitKind, dict[DType | Literal["default"], Energy]]
     byte_energy: ByteEnergy
     tdp: Power | None = None
+    sustained_clock: Frequency | None = Field(
+        default=None, description="core clock the board's power limit allows with the matrix "
+                                  "units busy every cycle; a kernel whose matrix units are busy "
+                                  "a share u of its time runs at clock − u·(clock − this); none: "
+                                  "always at clock")
 
 
 class Hardware(Strict):
@@ -399,3 +464,21 @@ class Hardware(Strict):
     def core_clock(self) -> float:
         """Core clock in Hz."""
         return self.cores.clock or self.clock
+
+    def clock_scale(self, matrix_busy: float) -> float:
+        """How much slower than at `core_clock` a kernel runs whose matrix units are busy a
+        share `matrix_busy` of its time: the power limit trims the clock in proportion to
+        that activity, down to `power.sustained_clock` (≥ 1)."""
+        sustained = self.power.sustained_clock
+        if sustained is None:
+            return 1.0
+        busy = min(1.0, max(0.0, matrix_busy))
+        return self.core_clock / (self.core_clock - busy * (self.core_clock - sustained))
+
+    @model_validator(mode="after")
+    def _sustained_below_clock(self) -> Hardware:
+        sustained = self.power.sustained_clock
+        if sustained is not None and sustained > self.core_clock:
+            raise ValueError(f"power.sustained_clock {sustained / 1e6:g} MHz is above the core "
+                             f"clock {self.core_clock / 1e6:g} MHz; expected at most that")
+        return self

@@ -32,21 +32,24 @@ from simulator.api import simulate
 from simulator.engine import simulate_tasks
 from simulator.errors import UserError, first_error
 from simulator.hardware import load_hardware
-from simulator.oprun import Mode, gemm_op, run_attention, run_op
+from simulator.oprun import Mode, gemm_op, run_attention, run_op, run_stream
 from simulator.report import Result
 from simulator.yamlfile import load_yaml
 from workloads.config import resolve_model
 
 Metric = Literal["block_latency_s", "blocks_latency_s", "blocks_tokens_per_s", "latency_s",
                  "tokens_per_s", "power_w", "energy_per_token_j", "memory_bytes",
-                 "input_vector_transfer_s", "tflops", "latency_ratio", "memory_ratio"]
+                 "input_vector_transfer_s", "tflops", "latency_ratio", "memory_ratio",
+                 "bandwidth_bytes_per_s", "block_latency_ratio"]
 Role = Literal["fitted", "held-out", "consistency", "projection", "open", "report"]
 ROLES: tuple[Role, ...] = ("fitted", "held-out", "consistency", "projection", "open", "report")
 #: The standard gate of each gated role (a wider one needs a `gate_reason`).
 GATES: dict[str, float] = {"fitted": 0.10, "held-out": 0.15, "consistency": 0.15}
 #: Metrics computed from others by a formula: a case comparing one names it and its source.
 DERIVED = {"tflops", "tokens_per_s", "blocks_tokens_per_s", "energy_per_token_j",
-           "latency_ratio", "memory_ratio"}
+           "latency_ratio", "memory_ratio", "bandwidth_bytes_per_s", "block_latency_ratio"}
+#: What a kernel case may measure.
+KERNEL_METRICS = ("tflops", "latency_s", "bandwidth_bytes_per_s")
 
 
 class Kernel(BaseModel):
@@ -54,7 +57,7 @@ class Kernel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["attention", "gemm"]
+    type: Literal["attention", "gemm", "stream"]
     mode: Mode = Field(default="fwd", description="attention: fwd, bwd or fwd_bwd")
     batch: int = 1
     heads: int = 1
@@ -65,6 +68,10 @@ class Kernel(BaseModel):
     n: int = 1
     k: int = 1
     dtype: str = "bf16"
+    weight_dtype: str = Field(default="", description="gemm: the weights' dtype (default dtype)")
+    stream: str = Field(default="read", description="stream: init, read, scale or triad")
+    threads: int = Field(default=2048, description="stream: resident threads per core")
+    elements: int = Field(default=1 << 27, description="stream: doubles per array")
 
 
 class Versus(BaseModel):
@@ -74,6 +81,7 @@ class Versus(BaseModel):
 
     model: str
     model_set: dict[str, Any] = Field(default_factory=dict)
+    quant: str | None = None
 
 
 class Case(BaseModel):
@@ -94,6 +102,8 @@ class Case(BaseModel):
     mapping: Literal["tensor", "batch"] = "tensor"
     #: the host runtime the measurement ran under (None: the hardware file's)
     runtime: Literal["eager", "cuda_graphs"] | None = None
+    #: a quantization scheme (--quant) the measured model ran with
+    quant: str | None = None
     metric: Metric
     reference: float
     source: str
@@ -110,8 +120,9 @@ class Case(BaseModel):
         if self.widened and not self.gate_reason:
             raise ValueError(f"a {self.role} case is gated at ±{GATES[self.role]:.0%}; a "
                              f"tolerance of {self.tolerance:g} needs a gate_reason")
-        if self.kernel is not None and self.metric != "tflops":
-            raise ValueError(f"a kernel case measures tflops, not {self.metric}")
+        if self.kernel is not None and self.metric not in KERNEL_METRICS:
+            raise ValueError(f"a kernel case measures {', '.join(KERNEL_METRICS)}, not "
+                             f"{self.metric}")
         if self.metric in DERIVED and not (self.formula and self.formula_source):
             raise ValueError(f"metric {self.metric} is derived: give its formula and "
                              "formula_source")
@@ -225,17 +236,31 @@ def _strings(values: dict[str, Any]) -> dict[str, str]:
     return {key: str(value) for key, value in values.items()}
 
 
+def _block(result: Result) -> float:
+    """The first block's latency (layers.0)."""
+    return next(layer.latency_s for layer in result.layers if layer.name == "layers.0")
+
+
 def _blocks(result: Result) -> float:
     return sum(layer.latency_s for layer in result.layers if layer.name.startswith("layers."))
 
 
 def _kernel(case: Case, kernel: Kernel) -> float:
-    """TFLOP/s of the kernel, by the same code path as `simulate op`."""
+    """The kernel's TFLOP/s, latency or bandwidth, by the same code path as `simulate op`."""
     hw = load_hardware(case.hardware, case.hw_set)
     if kernel.type == "gemm":
-        return run_op(hw, gemm_op(kernel.m, kernel.n, kernel.k, kernel.dtype, kernel.batch)).tflops
-    return run_attention(hw, kernel.batch, kernel.heads, kernel.seq, kernel.head_dim,
-                         kernel.causal, kernel.mode, kernel.dtype).tflops
+        result = run_op(hw, gemm_op(kernel.m, kernel.n, kernel.k, kernel.dtype, kernel.batch,
+                                    kernel.weight_dtype))
+    elif kernel.type == "stream":
+        result = run_stream(hw, kernel.stream, kernel.threads, kernel.elements)
+    else:
+        result = run_attention(hw, kernel.batch, kernel.heads, kernel.seq, kernel.head_dim,
+                               kernel.causal, kernel.mode, kernel.dtype)
+    if case.metric == "latency_s":
+        return result.latency_s
+    if case.metric == "bandwidth_bytes_per_s":
+        return result.bytes_moved / result.latency_s
+    return result.tflops
 
 
 def _host_transfer_s(case: Case) -> float:
@@ -246,15 +271,15 @@ def _host_transfer_s(case: Case) -> float:
     return timeline.usage.busy_ns.get("host", 0.0) * 1e-9
 
 
-def _run(case: Case, model: str, model_set: dict[str, Any]) -> Result:
+def _run(case: Case, model: str, model_set: dict[str, Any], quant: str | None) -> Result:
     key = json.dumps([case.hardware, case.hw_set, model, model_set, case.phase, case.batch,
-                      case.context, case.prompt, case.mapping, case.runtime], sort_keys=True,
-                     default=str)
+                      case.context, case.prompt, case.mapping, case.runtime, quant],
+                     sort_keys=True, default=str)
     if key not in _RUNS:
         _RUNS[key] = simulate(case.hardware, model, phase=case.phase, batch=case.batch,
                               context=case.context, prompt=case.prompt, mapping=case.mapping,
                               hw_set=case.hw_set, model_set=_strings(model_set),
-                              runtime=case.runtime)
+                              runtime=case.runtime, quant=quant)
     return _RUNS[key]
 
 
@@ -268,16 +293,18 @@ def measure(case: Case) -> float:
         return _kernel(case, case.kernel)
     if case.metric == "input_vector_transfer_s":
         return _host_transfer_s(case)
-    result = _run(case, case.model, case.model_set)
-    if case.metric in ("latency_ratio", "memory_ratio"):
+    result = _run(case, case.model, case.model_set, case.quant)
+    if case.metric in ("latency_ratio", "memory_ratio", "block_latency_ratio"):
         if case.versus is None:
             raise UserError(case.id, f"{case.metric} needs 'versus'")
-        other = _run(case, case.versus.model, case.versus.model_set)
+        other = _run(case, case.versus.model, case.versus.model_set, case.versus.quant)
         if case.metric == "latency_ratio":
             return other.latency_s / result.latency_s
+        if case.metric == "block_latency_ratio":
+            return _block(other) / _block(result)
         return other.memory_bytes / result.memory_bytes
     if case.metric == "block_latency_s":
-        return next(layer.latency_s for layer in result.layers if layer.name == "layers.0")
+        return _block(result)
     if case.metric == "blocks_latency_s":
         return _blocks(result)
     if case.metric == "blocks_tokens_per_s":

@@ -13,12 +13,14 @@ from simulator.validation.cases import GATES, ROLES, Empirical, Outcome
 
 
 def _value(metric: str, value: float) -> str:
+    if metric == "bandwidth_bytes_per_s":
+        return f"{value / 1e9:.4g} GB/s"
     if metric.endswith("_bytes"):
         return f"{value / 2**30:.4g} GiB"
     if metric.endswith("per_s"):
         return f"{value:.4g} /s"
     if metric.endswith("_s"):
-        return f"{value * 1e3:.4g} ms"
+        return f"{value * 1e6:.4g} µs" if value < 1e-3 else f"{value * 1e3:.4g} ms"
     if metric.endswith("_w"):
         return f"{value:.4g} W"
     return f"{value:.4g}"

@@ -45,6 +45,8 @@ class Op:
     dims: dict[str, int]
     deps: tuple[int, ...]
     shapes: str
+    #: matmuls: the dtype the weights are stored in, where it is not `dtype` (W4A16: int4)
+    weight_dtype: str = ""
 
     @property
     def bytes(self) -> int:

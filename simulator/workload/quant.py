@@ -1,0 +1,280 @@
+"""Quantization schemes applied to a captured trace: `--quant SCHEME`.
+
+A scheme rewrites the linears inside the model's repeated blocks (matmuls with weights
+whose module is nested in a block; the LM head and embeddings stay in the model's dtype,
+as the papers keep them): their activation and weight dtypes, their weight bytes (with
+scales), and the kernels the scheme adds in front of them, one per distinct linear input
+(q/k/v share one, gate/up share one):
+
+- w8a8: int8 × int8 GEMM; per-channel fp16 weight scales; a per-token quantize kernel
+  (unfused) before each linear input; KV in the model's dtype.
+- w8a16: model dtype × int8 weight-only (gpt-fast/torchao int8); per-channel scales.
+- w4a16: model dtype × int4 (dequantized in registers, Marlin-style); groups of 128
+  weights (w4a16:g32 for 32, also w4a8) with an fp16 scale and zero; no added kernel.
+- w4a8: int8 × int4; groups of 128; a per-token quantize kernel.
+- w4a4: int4 × int4; per-channel scales; a per-token quantize kernel; int4 KV cache.
+- w4a4-quarot: as w4a4, plus QuaRot's online Hadamard transforms as separate kernels:
+  before o_proj and down_proj, and on the new q/k heads.
+- w4a4-flatquant: as w4a4, with FlatQuant's Kronecker transform P1 ⊗ P2 (two small
+  matmuls per token, §3) in front of each linear input, fused with the quantize where a
+  factor is ≤ 64 (4096 = 64 × 64; 11008 = 86 × 128 runs as two kernels), and a
+  head_dim × head_dim matmul on the new q/k.
+- fp8: fp8 × fp8; a per-tensor weight scale; a per-token quantize kernel.
+- w2a8: int8 × int2 (BitNet-style); a per-tensor weight scale; a per-token quantize kernel.
+
+w4a4's KV cache is 4-bit as in the QuaRot and FlatQuant code the papers time (per token and
+head, an fp16 scale and zero), and its int4 GEMM (QuaRot's CUTLASS kernel) writes int32 for
+a separate dequantize kernel, as there. The other quantized GEMMs dequantize in their
+epilogue, so their outputs stay in the model's dtype. Whether a machine runs a pair is the
+machine's question (`cores.units.*.kernels`); an fp8 scheme on a GPU without fp8 tensor
+cores is refused there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from simulator.errors import UserError
+from simulator.tiling import DTYPE_BYTES
+from simulator.workload.trace import Op, Trace
+
+#: Bytes of one per-token (or per-group) scale.
+SCALE_BYTES = 4
+#: Bytes of an int32 GEMM output element.
+INT32_BYTES = 4
+#: Activations per group of a group-quantized weight (GPTQ/AWQ/Marlin default).
+GROUP = 128
+#: Largest Kronecker factor FlatQuant's kernel fuses with the quantize (its BLOCK_SIZE_M);
+#: a larger one runs the transform and the quantize as two kernels.
+FUSED_FACTOR = 64
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What a quantization scheme does to each linear of a block."""
+
+    act: str | None  # None: the model's dtype
+    weight: str
+    group: int | None  # weights per scale+zero group (None: one scale per output channel)
+    quantize: bool  # a per-token activation quantize kernel before each linear input
+    kv: str | None = None  # KV-cache dtype (None: the model's)
+    transform: str | None = None  # "hadamard" (separate kernels) or "kronecker" (fused)
+    #: the GEMM writes int32 and a separate kernel dequantizes (QuaRot's int4 GEMM);
+    #: false: dequantized in the GEMM's epilogue
+    dequantize: bool = False
+
+
+SCHEMES: dict[str, Scheme] = {
+    "w8a8": Scheme("int8", "int8", None, True),
+    "w8a16": Scheme(None, "int8", None, False),
+    "w4a16": Scheme(None, "int4", GROUP, False),
+    "w4a8": Scheme("int8", "int4", GROUP, True),
+    "w4a4": Scheme("int4", "int4", None, True, kv="int4", dequantize=True),
+    "w4a4-quarot": Scheme("int4", "int4", None, True, kv="int4", transform="hadamard",
+                          dequantize=True),
+    "w4a4-flatquant": Scheme("int4", "int4", None, True, kv="int4", transform="kronecker",
+                             dequantize=True),
+    "fp8": Scheme("fp8", "fp8", 0, True),
+    "w2a8": Scheme("int8", "int2", 0, True),
+}
+
+
+def scheme(name: str) -> Scheme:
+    """The scheme called `name` (a group-quantized one may name its group size:
+    `w4a16:g32`); an unknown one is refused naming the flag."""
+    base, _, group = name.partition(":")
+    if base not in SCHEMES:
+        raise UserError("--quant", f"expected one of {', '.join(SCHEMES)} (a grouped one "
+                                   f"with :gN, e.g. w4a16:g32), not '{name}'")
+    chosen = SCHEMES[base]
+    if not group:
+        return chosen
+    size = group[1:]
+    if not (chosen.group and group.startswith("g") and size.isdigit() and int(size) >= 1):
+        expected = ("a group size like :g32" if chosen.group else
+                    f"no group size ({base} has one scale per channel or tensor)")
+        raise UserError("--quant", f"expected {expected}, not '{name}'")
+    return replace(chosen, group=int(size))
+
+
+def kronecker_factors(n: int) -> tuple[int, int]:
+    """n = n1 · n2, the factor pair nearest √n (FlatQuant's get_decompose_dim: 4096 =
+    64 × 64, 11008 = 86 × 128)."""
+    n1 = math.isqrt(n)
+    while n % n1:
+        n1 -= 1
+    return n1, n // n1
+
+
+def _weight_bytes(op: Op, chosen: Scheme) -> int:
+    d = op.dims
+    count = d["k"] * d["n"] * d["batch"]
+    stored = count * DTYPE_BYTES[chosen.weight]
+    if chosen.group is None:  # per output channel
+        scales = d["n"] * d["batch"] * 2
+    elif chosen.group == 0:  # per tensor
+        scales = SCALE_BYTES
+    else:  # an fp16 scale and zero per group
+        scales = math.ceil(count / chosen.group) * 4
+    return math.ceil(stored + scales)
+
+
+def _in_block(op: Op) -> bool:
+    """A linear with weights inside one of the model's repeated blocks."""
+    return (op.kind == "matmul" and op.weight_bytes > 0 and op.layer != op.module
+            and op.module.startswith(op.layer + "."))
+
+
+def _act_bytes(op: Op, act: str) -> int:
+    d = op.dims
+    rows = d["m"] * d["batch"]
+    return math.ceil(rows * d["k"] * DTYPE_BYTES[act] + rows * SCALE_BYTES)
+
+
+def _added(op: Op, chosen: Scheme, act: str, model_dtype: str, what: str) -> list[Op]:
+    """The kernels a scheme runs on one linear input (`op` is its first consumer)."""
+    d = op.dims
+    rows, width = d["m"] * d["batch"], d["k"]
+    numel = rows * width
+    elem = DTYPE_BYTES.get(model_dtype, 2)
+    out = _act_bytes(op, act)
+    base = {"module": f"{op.module}.{what}", "layer": op.layer, "dtype": model_dtype,
+            "weight_bytes": 0, "state_read_bytes": 0, "state_write_bytes": 0,
+            "index": 0, "deps": op.deps}
+    added = []
+    if chosen.transform == "hadamard" and what in ("o_input", "down_input"):
+        added.append(Op(name="hadamard", fn="hadamard", kind="elementwise", ops=numel * max(
+            1, round(math.log2(width))), input_bytes=int(numel * elem),
+            output_bytes=int(numel * elem), dims={"numel": numel, "rows": rows,
+                                                  "parallel": numel},
+            shapes=f"[{rows},{width}] Hadamard", **base))
+    if chosen.transform == "kronecker":
+        n1, n2 = kronecker_factors(width)
+        # X (n1 × n2 per token) → P1ᵀ · X · P2: a batched GEMM over tokens whose FLOPs
+        # (2·n·(n1 + n2) per token) and bytes are the kernel's, fused with the quantize
+        # where the factor fits FlatQuant's block, else writing fp16 for a quantize kernel
+        fused = n1 <= FUSED_FACTOR
+        added.append(Op(name="kronecker_quantize" if fused else "kronecker",
+                        fn="kronecker", kind="matmul", ops=2 * numel * (n1 + n2),
+                        input_bytes=int(numel * elem),
+                        output_bytes=out if fused else int(numel * elem),
+                        dims={"m": n1, "n": 2 * n2, "k": n2, "batch": rows,
+                              "parallel": rows * n1},
+                        shapes=f"[{rows},{n1}x{n2}] P1⊗P2" + (f" → {act}" if fused else ""),
+                        **{**base, "weight_bytes": (n1 * n1 + n2 * n2) * int(elem)}))
+        if fused:
+            return added
+    if chosen.quantize:
+        added.append(Op(name="quantize", fn="quantize", kind="elementwise", ops=3 * numel,
+                        input_bytes=int(numel * elem), output_bytes=out,
+                        dims={"numel": numel, "rows": rows, "parallel": numel},
+                        shapes=f"[{rows},{width}] → {act} per token", **base))
+    return added
+
+
+def _dequantize(gemm: Op) -> Op:
+    """The kernel after an int32-output GEMM: row scale × column scale × x, to fp16."""
+    d = gemm.dims
+    numel = d["m"] * d["n"] * d["batch"]
+    return Op(index=0, name="dequantize", fn="dequantize", kind="elementwise",
+              module=f"{gemm.module}.dequantize", layer=gemm.layer, dtype="fp16", ops=2 * numel,
+              weight_bytes=0, state_read_bytes=0, state_write_bytes=0,
+              input_bytes=numel * INT32_BYTES, output_bytes=numel * 2,
+              dims={"numel": numel, "rows": d["m"] * d["batch"], "parallel": numel}, deps=(),
+              shapes=f"[{d['m'] * d['batch']},{d['n']}] int32 → fp16")
+
+
+def _qk_transforms(attention: Op, chosen: Scheme, model_dtype: str) -> list[Op]:
+    """The online transforms on the new queries and keys before a quantized KV cache:
+    QuaRot's Hadamard per head, FlatQuant's head_dim × head_dim matmul (V untouched)."""
+    d = attention.dims
+    hd, elem = d["head_dim"], int(DTYPE_BYTES.get(model_dtype, 2))
+    added = []
+    for what, heads in (("q", d["heads"]), ("k", d["kv_heads"])):
+        rows = d["batch"] * d["q_len"] * heads
+        numel = rows * hd
+        base = {"index": 0, "module": f"{attention.module}.{what}_transform",
+                "layer": attention.layer, "dtype": model_dtype, "state_read_bytes": 0,
+                "state_write_bytes": 0, "input_bytes": numel * elem,
+                "output_bytes": numel * elem, "deps": ()}
+        if chosen.transform == "hadamard":
+            added.append(Op(name="hadamard", fn="hadamard", kind="elementwise",
+                            ops=numel * max(1, round(math.log2(hd))), weight_bytes=0,
+                            dims={"numel": numel, "rows": rows, "parallel": numel},
+                            shapes=f"[{rows},{hd}] Hadamard", **base))
+        else:
+            added.append(Op(name="transform", fn="mm", kind="matmul", ops=2 * numel * hd,
+                            weight_bytes=hd * hd * elem,
+                            dims={"m": rows, "n": hd, "k": hd, "batch": 1, "parallel": hd},
+                            shapes=f"[{rows},{hd}]x[{hd},{hd}]", **base))
+    return added
+
+
+def _input_name(op: Op) -> str:
+    leaf = op.module.rsplit(".", 1)[-1]
+    return {"o_proj": "o_input", "down_proj": "down_input", "out_proj": "o_input",
+            "dense_4h_to_h": "down_input", "fc2": "down_input", "c_proj": "o_input"}.get(
+        leaf, "input")
+
+
+def quantize(trace: Trace, name: str) -> Trace:
+    """`trace` with scheme `name` applied (see the module notes)."""
+    chosen = scheme(name)
+    linears = [op for op in trace.ops if _in_block(op)]
+    if any(op.kind == "ternary_matmul" for op in trace.ops):
+        raise UserError("--quant", f"{trace.model} is already ternary (W2A8 BitLinear); "
+                                   "expected a model with floating-point linears")
+    if not linears:
+        raise UserError("--quant", f"{trace.model} has no linear layers inside repeated "
+                                   "blocks to quantize")
+    model_dtype = linears[0].dtype
+    act = chosen.act or model_dtype
+    kv_factor = DTYPE_BYTES[chosen.kv] / DTYPE_BYTES.get(model_dtype, 2) if chosen.kv else 1.0
+    ops: list[Op] = []
+    moved: dict[int, int] = {}  # old index → new index
+    quantized_inputs: dict[tuple[int, ...], int] = {}  # a linear input's deps → its kernel
+    weights = trace.weights_bytes
+    state = trace.state_bytes
+
+    def emit(op: Op, deps: tuple[int, ...]) -> int:
+        ops.append(replace(op, index=len(ops), deps=deps))
+        return len(ops) - 1
+
+    for op in trace.ops:
+        deps = tuple(moved[d] for d in op.deps)
+        if chosen.transform and op.kind == "attention":
+            deps = tuple(emit(extra, deps) for extra in _qk_transforms(op, chosen, model_dtype)) \
+                or deps
+        if _in_block(op):
+            key = (*deps, hash(op.layer))
+            if key not in quantized_inputs:
+                last = None
+                for extra in _added(op, chosen, act, model_dtype, _input_name(op)):
+                    last = emit(extra, deps if last is None else (last,))
+                quantized_inputs[key] = last if last is not None else -1
+            producer = quantized_inputs[key]
+            new_weights = _weight_bytes(op, chosen)
+            weights += new_weights - op.weight_bytes
+            label = act if chosen.weight == act else f"{act}x{chosen.weight}"
+            rewritten = replace(
+                op, dtype=act, weight_dtype="" if chosen.weight == act else chosen.weight,
+                weight_bytes=new_weights,
+                input_bytes=_act_bytes(op, act) if chosen.quantize else op.input_bytes,
+                output_bytes=(op.output_bytes * INT32_BYTES // int(DTYPE_BYTES.get(
+                    model_dtype, 2)) if chosen.dequantize else op.output_bytes),
+                shapes=f"{op.shapes} [{label}]")
+            moved[op.index] = emit(rewritten, (producer,) if producer >= 0 else deps)
+            if chosen.dequantize:
+                moved[op.index] = emit(_dequantize(rewritten), (moved[op.index],))
+            continue
+        if chosen.kv and op.kind == "attention":
+            op = replace(op, state_read_bytes=math.ceil(op.state_read_bytes * kv_factor),
+                         dims={**op.dims, "kv_bits": int(DTYPE_BYTES[chosen.kv] * 8)})
+        elif chosen.kv and op.state_write_bytes and op.kind == "memory":
+            op = replace(op, state_write_bytes=math.ceil(op.state_write_bytes * kv_factor))
+        moved[op.index] = emit(op, deps)
+    if chosen.kv:
+        state = math.ceil(state * kv_factor)
+    return replace(trace, model=f"{trace.model} [{name}]", ops=tuple(ops),
+                   weights_bytes=weights, state_bytes=state)

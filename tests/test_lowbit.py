@@ -1,0 +1,201 @@
+"""GPU kernel mechanisms (power-limited clock, Little's law, tiles) and low-bit GEMMs and
+quantization schemes (issue "GPU kernels that match measured ones")."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simulator.api import simulate
+from simulator.cli import main
+from simulator.hardware import load_hardware
+from simulator.mapping import map_trace
+from simulator.oprun import gemm_op, run_op, run_stream
+from simulator.tiling import plan_gemm
+from simulator.validation.cases import load_cases, shipped_case_files
+from simulator.workload.cache import get_trace
+from simulator.workload.quant import SCHEMES, kronecker_factors, quantize
+from workloads.config import resolve_model
+
+ONE_LAYER = {"num_hidden_layers": "1", "torch_dtype": "float16"}
+
+
+def _latency(hw_name: str, m: int, n: int, k: int, act: str, weight: str = "",
+             **hw_set: str) -> float:
+    hw = load_hardware(hw_name, {"overheads.launch": "0 s", **hw_set})
+    return run_op(hw, gemm_op(m, n, k, act, 1, weight)).latency_s
+
+
+def test_the_power_limit_slows_busy_gemms_not_gemvs() -> None:
+    hw = load_hardware("gpu_a100.yaml")
+    assert hw.clock_scale(0.0) == 1.0
+    full = hw.clock_scale(1.0)
+    assert full == pytest.approx(hw.core_clock / hw.power.sustained_clock)
+    boost = {"power.sustained_clock": "1410 MHz"}
+    big = _latency("gpu_a100.yaml", 8192, 8192, 8192, "bf16")
+    gemv = _latency("gpu_a100.yaml", 1, 8192, 8192, "bf16")
+    assert big / _latency("gpu_a100.yaml", 8192, 8192, 8192, "bf16", **boost) > 1.05
+    assert gemv / _latency("gpu_a100.yaml", 1, 8192, 8192, "bf16", **boost) < 1.01
+
+
+def test_stream_bandwidth_follows_littles_law_and_saturates() -> None:
+    hw = load_hardware("gpu_a100.yaml")
+    rates = [run_stream(hw, "read", threads, 1 << 27) for threads in (64, 128, 256, 2048)]
+    bandwidth = [r.bytes_moved / r.latency_s for r in rates]
+    # in-flight bound: doubling the threads about doubles the rate at low occupancy
+    assert 1.8 < bandwidth[1] / bandwidth[0] < 2.1 and 1.8 < bandwidth[2] / bandwidth[1] < 2.1
+    dram = hw.memory.dram
+    assert bandwidth[3] <= dram.bandwidth_per_channel * dram.efficiency * 1.001
+    # mixing reads and writes costs bus turnarounds: scale saturates below read
+    scale = run_stream(hw, "scale", 2048, 1 << 27)
+    assert scale.bytes_moved / scale.latency_s < bandwidth[3]
+
+
+def test_skinny_gemms_use_the_smallest_tile_rows() -> None:
+    hw = load_hardware("gpu_a100.yaml")
+    unit = hw.cores.units["tensor"]
+    for m in (1, 8, 16):
+        assert plan_gemm(hw, unit, 2048, m, 28672, 8192, 1, (2, 2, 2)).tm == 16
+    assert plan_gemm(hw, unit, 2048, 4096, 4096, 4096, 1, (2, 2, 2)).tm >= 64
+
+
+def test_low_bit_weights_cut_gemv_time_by_their_bytes() -> None:
+    fp16 = _latency("gpu_a100.yaml", 1, 8192, 8192, "fp16")
+    w4 = _latency("gpu_a100.yaml", 1, 8192, 8192, "fp16", "int4")
+    w2 = _latency("gpu_a100.yaml", 1, 8192, 8192, "int8", "int2")
+    assert 2.5 < fp16 / w4 < 4.0 and w2 < w4
+    # compute-bound: W4A16 multiplies in fp16, so it is no faster than fp16 at large M
+    big16 = _latency("gpu_a100.yaml", 4096, 8192, 8192, "fp16")
+    big4 = _latency("gpu_a100.yaml", 4096, 8192, 8192, "fp16", "int4")
+    assert 0.9 < big16 / big4 < 1.2
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--dtype", "int4", "--weight-dtype", "int2"], "--weight-dtype int2"),
+    (["--dtype", "fp8"], "--dtype fp8"),
+    (["--dtype", "fp16", "--weight-dtype", "int3"], "--weight-dtype"),
+])
+def test_a_pair_the_machine_cannot_run_is_one_line(args: list[str], flag: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["op", "gemm", "--m", "1", "--n", "64", "--k", "64", "--hw", "gpu_a100.yaml",
+                 *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err
+
+
+def test_fp8_on_an_a100_is_one_line_naming_the_scheme(capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    argv = ["--hw", "gpu_a100.yaml", "--model", "tiny-llama", "--quant", "fp8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--quant fp8" in err and "fp8" in err
+    assert main(["--hw", "gpu_h100.yaml", "--model", "tiny-llama", "--quant", "fp8",
+                 "--format", "json"]) == 0
+
+
+def _trace(phase: str = "decode", batch: int = 1):
+    cfg = resolve_model("llama2-7b", ONE_LAYER)
+    return get_trace(cfg, phase, batch, 2048 if phase == "decode" else 0,
+                     128 if phase == "prefill" else 0)
+
+
+def test_schemes_rewrite_linears_add_their_kernels_and_bytes() -> None:
+    trace = _trace()
+    linears = [op for op in trace.ops if op.kind == "matmul" and op.module.startswith("layers.")]
+    assert len(linears) == 7
+    counts = {}
+    for name in SCHEMES:
+        quantized = quantize(trace, name)
+        added = [op for op in quantized.ops if op.name in ("quantize", "kronecker_quantize",
+                                                           "kronecker", "hadamard", "dequantize",
+                                                           "transform")]
+        counts[name] = {n: sum(op.name == n for op in added) for n in {op.name for op in added}}
+        assert quantized.weights_bytes < trace.weights_bytes
+        deps_ok = all(d < op.index for op in quantized.ops for d in op.deps)
+        assert deps_ok and [op.index for op in quantized.ops] == list(range(len(quantized.ops)))
+    assert counts["w4a16"] == {} and counts["w8a8"] == {"quantize": 4}
+    assert counts["w4a4"] == {"quantize": 4, "dequantize": 7}
+    assert counts["w4a4-quarot"] == {"quantize": 4, "dequantize": 7, "hadamard": 4}
+    # 4096 = 64 × 64 fused; 11008 = 86 × 128 is a transform and a quantize
+    assert counts["w4a4-flatquant"] == {"kronecker_quantize": 3, "kronecker": 1, "quantize": 1,
+                                        "dequantize": 7, "transform": 2}
+    assert kronecker_factors(4096) == (64, 64) and kronecker_factors(11008) == (86, 128)
+    # w4a16 weights: half a byte plus an fp16 scale and zero per 128; the lm_head untouched
+    w4 = quantize(trace, "w4a16")
+    q_proj = next(op for op in w4.ops if op.module == "layers.0.attn.q_proj")
+    assert q_proj.weight_bytes == 4096 * 4096 // 2 + 4096 * 4096 // 128 * 4
+    assert next(op for op in w4.ops if op.module == "lm_head").weight_dtype == ""
+    assert quantize(trace, "w4a16:g32").weights_bytes > w4.weights_bytes
+    # a 4-bit KV cache is a quarter of the fp16 one
+    assert quantize(trace, "w4a4").state_bytes == pytest.approx(trace.state_bytes / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["w5", "w4a16:g0", "w8a8:g32", "w4a16:32"])
+def test_a_bad_scheme_is_one_line(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--hw", "gpu_a100.yaml", "--model", "tiny-llama", "--quant", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--quant" in err
+
+
+def test_a_ternary_model_is_not_quantized_again(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--hw", "gpu_a100.yaml", "--model", "tiny", "--quant", "w8a8"]) == 2
+    assert "already ternary" in capsys.readouterr().err
+
+
+def test_quantized_llama_speedups_follow_bytes_in_decode_and_flops_in_prefill() -> None:
+    kw = {"model_set": {"num_hidden_layers": "2"}}
+    base = simulate("gpu_a100.yaml", "llama2-7b", phase="decode", **kw)
+    w4 = simulate("gpu_a100.yaml", "llama2-7b", phase="decode", quant="w4a16", **kw)
+    w8 = simulate("gpu_a100.yaml", "llama2-7b", phase="decode", quant="w8a8", **kw)
+    assert base.latency_s > w8.latency_s > w4.latency_s
+    assert w4.memory_bytes < w8.memory_bytes < base.memory_bytes
+    pre = simulate("gpu_a100.yaml", "llama2-7b", phase="prefill", prompt=2048, **kw)
+    pre4 = simulate("gpu_a100.yaml", "llama2-7b", phase="prefill", prompt=2048, quant="w4a16",
+                    **kw)
+    pre8 = simulate("gpu_a100.yaml", "llama2-7b", phase="prefill", prompt=2048, quant="w8a8",
+                    **kw)
+    assert 0.85 < pre.latency_s / pre4.latency_s < 1.15  # fp16 MMA either way
+    assert pre.latency_s / pre8.latency_s > 1.2  # int8 MMA at twice the rate
+    assert json.loads(w4.to_json())["model"].endswith("[w4a16]")
+
+
+def test_quantized_traces_map_on_every_gpu() -> None:
+    trace = quantize(_trace("prefill", 2), "w4a4-flatquant")
+    for name in ("gpu_a100.yaml", "gpu_a100_pcie.yaml", "gpu_rtx3090.yaml"):
+        assert map_trace(trace, load_hardware(name))
+
+
+def test_gpu_kernel_curves_hold_out_a_third_and_fit_only_given_data() -> None:
+    path = next(p for p in shipped_case_files() if p.name == "gpu_kernels.yaml")
+    cases = load_cases(path)
+    by_curve: dict[str, list[str]] = {}
+    for case in cases:
+        if case.role in ("fitted", "held-out", "open"):
+            curve = case.id.rsplit("-", 1)[0] if case.id.startswith("stream-") else (
+                "-".join(case.id.split("-")[:3]))
+            by_curve.setdefault(curve, []).append(case.role)
+    assert len(by_curve) >= 8
+    for curve, roles in by_curve.items():  # a third of each curve is not fitted
+        if curve.startswith(("stream", "bitblas")) and "fitted" in roles:
+            assert (len(roles) - roles.count("fitted")) * 3 >= len(roles), (curve, roles)
+    assert all("gpu-measurements.md" in case.source or "gpu-benches" in case.source
+               or "BitBLAS" in case.source or "ml-engineering" in case.source for case in cases)
+
+
+def test_the_lowbit_study_writes_its_curves_and_the_measured_points(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from simulator.studies import lowbit
+
+    monkeypatch.setattr(lowbit, "M_VALUES", (1, 64, 4096))
+    monkeypatch.setattr(lowbit, "WEIGHTS", ((28672, 8192),))
+    monkeypatch.setattr("sys.argv", ["lowbit", "--out", str(tmp_path)])
+    lowbit.main()
+    rows = (tmp_path / "lowbit.csv").read_text().splitlines()
+    assert rows[0] == "hardware,scheme,m,n,k,latency_s,tflops,weight_gbps"
+    schemes = {(r.split(",")[0], r.split(",")[1]) for r in rows[1:]}
+    assert ("gpu_a100.yaml", "W4A4") in schemes and ("gpu_h100.yaml", "W4A4") not in schemes
+    assert (tmp_path / "lowbit_tflops.png").stat().st_size > 10_000
+    points = lowbit.measured()
+    assert {p["role"] for p in points} >= {"fitted", "held-out"}
+    assert all(p["scheme"] in {s[0] for s in lowbit.SCHEMES} for p in points)
