@@ -87,7 +87,7 @@ def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
         if quant is not None:
             raise UserError(f"--quant {quant}", exc.detail) from None
         if isinstance(exc, UnsupportedPair):
-            raise
+            raise UserError(f"--model {trace.model}", exc.detail) from None
         raise exc.for_model(trace.model) from None
     timeline = simulate_tasks(hw, tasks, trace.tokens * HOST_BYTES_PER_TOKEN, record)
     return build_result(hw, trace, tasks, timeline, energy(hw, tasks, timeline), mapping), \

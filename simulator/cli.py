@@ -83,9 +83,10 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                         help="MoE models: tokens per expert: balanced (default), random:SEED, "
                              "zipf:S[:SEED] or file:PATH (per-layer histogram)")
     parser.add_argument("--quant", default=None, metavar="SCHEME",
-                        help="quantize the blocks' linears: w8a8, w4a16, w4a8, w4a4, "
-                             "w4a4-quarot, w4a4-flatquant, fp8 or w2a8 (kernels it adds, "
-                             "weights and KV bytes: see simulator.workload.quant)")
+                        help="quantize the blocks' linears: w8a8, w8a16, w4a16 (w4a16:g32: "
+                             "groups of 32), w4a8, w4a4, w4a4-quarot, w4a4-flatquant, fp8 or "
+                             "w2a8 (kernels it adds, weights and KV bytes: "
+                             "simulator.workload.quant)")
     parser.add_argument("--context", type=int, default=None,
                         help="decode: tokens already in the KV cache/state (default 2048, "
                              "or the model's positions − 1 if fewer)")

@@ -222,7 +222,7 @@ def _generic(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: in
             dram_load_bytes=load, dram_store_bytes=store, l2_bytes=l2_bytes,
             sram_bytes=sram_bytes, compute_ns=compute_ns, latency_ns=unit.latency.ns(clock),
             port_ns_per_byte=_port_ns_per_byte(hw, _stream_in_flight(hw), load, store,
-                                               l2_bytes)))
+                                               l2_bytes, len(shares))))
     chunks = [1] * len(shares)
     for part in parts:
         for core in part.cores:
@@ -237,14 +237,15 @@ def _stream_in_flight(hw: Hardware) -> float:
 
 
 def _port_ns_per_byte(hw: Hardware, in_flight: float, dram_load: float, store: float,
-                      l2_bytes: float) -> float:
+                      l2_bytes: float, active: int | None = None) -> float:
     """A part's port time per byte (0: the machine's access rate): its loads and stores
     move at what it keeps in flight over their latency (Little's law; DRAM's for the
     share that goes to DRAM, the L2's for the rest)."""
     moved = l2_bytes or dram_load + store
     if in_flight <= 0 or moved <= 0:
         return 0.0
-    return 1.0 / fetch_bytes_per_ns(hw, in_flight, min(1.0, (dram_load + store) / moved))
+    return 1.0 / fetch_bytes_per_ns(hw, in_flight, min(1.0, (dram_load + store) / moved),
+                                    active)
 
 
 def _from_work(work: list[CoreWork], hw: Hardware, unit_name: str, unit: Unit,
@@ -266,7 +267,8 @@ def _from_work(work: list[CoreWork], hw: Hardware, unit_name: str, unit: Unit,
             dram_store_bytes=item.dram_store_bytes, l2_bytes=l2_bytes, sram_bytes=0.0,
             compute_ns=item.compute_ns, latency_ns=unit.latency.ns(hw.core_clock),
             port_ns_per_byte=_port_ns_per_byte(hw, item.in_flight, load,
-                                               item.dram_store_bytes, l2_bytes)))
+                                               item.dram_store_bytes, l2_bytes,
+                                               item.active or None)))
     return tuple(parts)
 
 
@@ -410,6 +412,8 @@ def map_op(op: Op, hw: Hardware, mapping: Mapping, batch: int, granularity: int)
     elif tiled and op.kind == "attention":
         kernels = _tiled_attention(op, hw, unit_name, unit, per_cycle, granularity)
     else:
+        if op.kind == "matmul" and op.weight_dtype and op.weight_dtype != op.dtype:
+            low_bit_kernel(hw, unit_name, unit, op)  # untiled units list no such kernels
         kernels = (_generic(op, hw, mapping, batch, granularity, unit_name, unit, factor,
                             per_cycle),)
     return Task(op=op, stages=tuple(stage for stage, _ in kernels), unit_kind=unit.kind,

@@ -44,6 +44,7 @@ class CoreWork:
     dram_load_bytes: float
     dram_store_bytes: float
     in_flight: float = 0.0
+    active: int = 0  # cores busy in the kernel (0: all), for the loaded latency
 
 
 @dataclass(frozen=True)
@@ -83,18 +84,20 @@ def _port_bytes_per_ns(hw: Hardware) -> float:
     return _port_bytes_per_cycle(hw) / _clock_ns(hw)
 
 
-def fetch_bytes_per_ns(hw: Hardware, in_flight: float, dram_share: float = 1.0) -> float:
+def fetch_bytes_per_ns(hw: Hardware, in_flight: float, dram_share: float = 1.0,
+                       active: int | None = None) -> float:
     """One core's fetch rate: its port, or what it keeps in flight over the access latency
     (Little's law), DRAM's for the `dram_share` of its bytes and the L2's for the rest.
-    DRAM's is the loaded latency: every core keeping as much in flight, the queues add
-    all of it over `dram.queue_bandwidth`."""
+    DRAM's is the loaded latency: each of the `active` cores (default all) keeping as much
+    in flight, the queues add all of it over `dram.queue_bandwidth`."""
     port = _port_bytes_per_ns(hw)
     if in_flight <= 0:
         return port
     dram = hw.memory.dram
     dram_ns = dram.latency.ns(hw.core_clock)
     if dram.queue_bandwidth:
-        dram_ns += hw.cores.count * in_flight / dram.queue_bandwidth * 1e9
+        cores = hw.cores.count if active is None else min(active, hw.cores.count)
+        dram_ns += cores * in_flight / dram.queue_bandwidth * 1e9
     l2_ns = hw.memory.l2.latency.ns(hw.core_clock) if hw.memory.l2 else dram_ns
     latency = dram_share * dram_ns + (1 - dram_share) * l2_ns
     return min(port, in_flight / latency) if latency > 0 else port
@@ -174,10 +177,10 @@ def _gemm_tile(hw: Hardware, unit: Unit, rate: float, m: int, n: int, k: int,
 
 
 def _int_rate(hw: Hardware) -> float:
-    """Integer ops per cycle of a core's vector unit (int32, else its slowest rate)."""
+    """Integer ops per cycle of a core's element-wise vector unit (its int32 rate, else its
+    fp32 or slowest one; the hardware validator requires the unit where kernels unpack)."""
     found = vector_unit(hw, "elementwise")
-    if found is None:
-        raise ValueError(f"{hw.source}: a low-bit GEMM needs a vector unit to unpack weights")
+    assert found is not None, "Hardware._unpack_has_a_vector_unit"
     return unit_rate(found[1], "int32")[1]
 
 
@@ -200,9 +203,11 @@ def plan_gemm(hw: Hardware, unit: Unit, rate: float, m: int, n: int, k: int, bat
     loads, stores = _unique_bytes(hw, m, n, k, batch, elem)
     best: GemmPlan | None = None
     # a library pads a skinny operand no further than its smallest tile does
-    least_m, least_n = min(t[0] for t in unit.tiles), min(t[1] for t in unit.tiles)
-    fitting = [t for t in unit.tiles if t[0] <= max(least_m, m) and t[1] <= max(least_n, n)]
-    for tile in fitting or unit.tiles:
+    least_m = min(t[0] for t in unit.tiles)
+    fitting = [t for t in unit.tiles if t[0] <= max(least_m, m)]
+    least_n = min(t[1] for t in fitting)
+    fitting = [t for t in fitting if t[1] <= max(least_n, n)]
+    for tile in fitting:
         tm, tn, tk = tile
         for split in SPLIT_K:
             if split > 1 and math.ceil(k / split) < 2 * tk:
@@ -210,7 +215,7 @@ def plan_gemm(hw: Hardware, unit: Unit, rate: float, m: int, n: int, k: int, bat
             tiles = batch * math.ceil(m / tm) * math.ceil(n / tn) * split
             cost = _gemm_tile(hw, unit, rate, m, n, k, tile, split, elem, decode)
             dram_share = min(1.0, loads / max(1.0, tiles * cost.l2_bytes))
-            fetch = fetch_bytes_per_ns(hw, cost.in_flight, dram_share)
+            fetch = fetch_bytes_per_ns(hw, cost.in_flight, dram_share, min(tiles, cores))
             per_tile = max(cost.cycles * clock, cost.l2_bytes / fetch)
             reduce = (2 * split * batch * m * n * 4 / _l2_bytes_per_ns(hw)) if split > 1 else 0
             # full waves share DRAM; a last, partial wave runs at its own cores' pace
@@ -251,7 +256,7 @@ def gemm_work(hw: Hardware, unit: Unit, rate: float, m: int, n: int, k: int, bat
         tiles = stop - start
         share = tiles / plan.tiles
         work.append(CoreWork(tiles * k_steps, tiles * compute, tiles * l2_bytes, loads * share,
-                             stores * share, cost.in_flight))
+                             stores * share, cost.in_flight, len(runs)))
     return GemmSchedule(m, n, k, batch, plan.tm, plan.tn, plan.split_k, runs), work
 
 
@@ -338,7 +343,7 @@ def flash_work(hw: Hardware, unit: Unit, rate: float, flash: FlashAttention,
         share = steps / total_steps
         compute = (steps * step_ns + len(mine) * overhead) * scale
         work.append(CoreWork(steps, compute, steps * step_l2 + len(mine) * block_l2,
-                             loads * share, stores * share, in_flight))
+                             loads * share, stores * share, in_flight, len(assigned)))
     schedule = FlashSchedule(backward, b, h, sq, sk, outer_tile, inner_tile, splits,
                              tuple(per_head), tuple(map(tuple, assigned)))
     return schedule, work

@@ -476,6 +476,17 @@ class Hardware(Strict):
         return self.core_clock / (self.core_clock - busy * (self.core_clock - sustained))
 
     @model_validator(mode="after")
+    def _unpack_has_a_vector_unit(self) -> Hardware:
+        needs = [name for name, unit in self.cores.units.items() if unit.kernels]
+        vectors = [u for u in self.cores.units.values() if u.kind == "vector"
+                   and (u.handles is None or "elementwise" in u.handles)]
+        if needs and not vectors:
+            raise ValueError(f"cores.units.{needs[0]}.kernels unpack weights on a vector unit, "
+                             "but no vector unit handles elementwise; add one or drop the "
+                             "kernels")
+        return self
+
+    @model_validator(mode="after")
     def _sustained_below_clock(self) -> Hardware:
         sustained = self.power.sustained_clock
         if sustained is not None and sustained > self.core_clock:

@@ -36,6 +36,7 @@ MEASURED_ON = "gpu_a100_pcie.yaml"
 
 
 def sweep() -> list[dict[str, object]]:
+    """Every machine × weight × scheme × M the machine runs: latency, TFLOP/s, weight GB/s."""
     rows: list[dict[str, object]] = []
     for name in MACHINES:
         hw = load_hardware(name)
@@ -54,14 +55,15 @@ def sweep() -> list[dict[str, object]]:
 
 
 def measured() -> list[dict[str, object]]:
-    """The BitBLAS GEMM/GEMV cases (latency) of the shipped validation data."""
+    """The BitBLAS GEMM/GEMV cases (latency) of the shipped validation data that were fitted
+    or held out (open and report cases are left off the plot)."""
     labels = {(act, weight): label for label, act, weight in SCHEMES}
     points = []
     for path in shipped_case_files():
         for case in load_cases(path):
             kernel = case.kernel
             if (kernel is None or kernel.type != "gemm" or case.metric != "latency_s"
-                    or case.hardware != MEASURED_ON):
+                    or case.hardware != MEASURED_ON or case.role not in ("fitted", "held-out")):
                 continue
             label = labels.get((kernel.dtype, kernel.weight_dtype or kernel.dtype))
             if label is None:

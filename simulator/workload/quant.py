@@ -22,12 +22,12 @@ scales), and the kernels the scheme adds in front of them, one per distinct line
 - fp8: fp8 × fp8; a per-tensor weight scale; a per-token quantize kernel.
 - w2a8: int8 × int2 (BitNet-style); a per-tensor weight scale; a per-token quantize kernel.
 
-w4a4's KV cache is 4-bit as in the QuaRot and FlatQuant code the papers time (per token and
-head, an fp16 scale and zero), and its int4 GEMM (QuaRot's CUTLASS kernel) writes int32 for
-a separate dequantize kernel, as there. The other quantized GEMMs dequantize in their
-epilogue, so their outputs stay in the model's dtype. Whether a machine runs a pair is the
-machine's question (`cores.units.*.kernels`); an fp8 scheme on a GPU without fp8 tensor
-cores is refused there.
+w4a4's KV cache is 4-bit as in the QuaRot and FlatQuant code the papers time (per token
+and head, an fp16 scale and zero; a prefill still attends over its fresh fp16 K/V, as
+there), and its int4 GEMM (QuaRot's CUTLASS kernel) writes int32 for a separate dequantize
+kernel, as there. The other quantized GEMMs dequantize in their epilogue, so their outputs
+stay in the model's dtype. Whether a machine runs a pair is the machine's question
+(`cores.units.*.kernels`); an fp8 scheme on a GPU without fp8 tensor cores is refused there.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ def kronecker_factors(n: int) -> tuple[int, int]:
 
 
 def _weight_bytes(op: Op, chosen: Scheme) -> int:
+    """A quantized linear's stored weights and their scales (and zeros), in bytes."""
     d = op.dims
     count = d["k"] * d["n"] * d["batch"]
     stored = count * DTYPE_BYTES[chosen.weight]
@@ -173,16 +174,28 @@ def _added(op: Op, chosen: Scheme, act: str, model_dtype: str, what: str) -> lis
     return added
 
 
-def _dequantize(gemm: Op) -> Op:
-    """The kernel after an int32-output GEMM: row scale × column scale × x, to fp16."""
+def _kv_factor(trace: Trace, chosen: Scheme, model_dtype: str) -> float:
+    """KV-cache bytes after the scheme over before: the stored dtype plus an fp16 scale and
+    zero per token and head (1 where the scheme keeps the cache)."""
+    if not chosen.kv:
+        return 1.0
+    head_dim = next((op.dims["head_dim"] for op in trace.ops if op.kind == "attention"), 128)
+    stored = DTYPE_BYTES[chosen.kv] + 2 * 2 / head_dim
+    return stored / DTYPE_BYTES.get(model_dtype, 2)
+
+
+def _dequantize(gemm: Op, model_dtype: str) -> Op:
+    """The kernel after an int32-output GEMM: row scale × column scale × x, to the model's
+    dtype."""
     d = gemm.dims
     numel = d["m"] * d["n"] * d["batch"]
+    elem = int(DTYPE_BYTES.get(model_dtype, 2))
     return Op(index=0, name="dequantize", fn="dequantize", kind="elementwise",
-              module=f"{gemm.module}.dequantize", layer=gemm.layer, dtype="fp16", ops=2 * numel,
-              weight_bytes=0, state_read_bytes=0, state_write_bytes=0,
-              input_bytes=numel * INT32_BYTES, output_bytes=numel * 2,
+              module=f"{gemm.module}.dequantize", layer=gemm.layer, dtype=model_dtype,
+              ops=2 * numel, weight_bytes=0, state_read_bytes=0, state_write_bytes=0,
+              input_bytes=numel * INT32_BYTES, output_bytes=numel * elem,
               dims={"numel": numel, "rows": d["m"] * d["batch"], "parallel": numel}, deps=(),
-              shapes=f"[{d['m'] * d['batch']},{d['n']}] int32 → fp16")
+              shapes=f"[{d['m'] * d['batch']},{d['n']}] int32 → {model_dtype}")
 
 
 def _qk_transforms(attention: Op, chosen: Scheme, model_dtype: str) -> list[Op]:
@@ -211,11 +224,21 @@ def _qk_transforms(attention: Op, chosen: Scheme, model_dtype: str) -> list[Op]:
     return added
 
 
+#: Leaf module names of the projections QuaRot rotates online, by what they consume.
+_O_PROJECTIONS = {"o_proj", "out_proj", "dense"}
+_DOWN_PROJECTIONS = {"down_proj", "dense_4h_to_h", "fc2", "fc_out", "w2"}
+
+
 def _input_name(op: Op) -> str:
-    leaf = op.module.rsplit(".", 1)[-1]
-    return {"o_proj": "o_input", "down_proj": "down_input", "out_proj": "o_input",
-            "dense_4h_to_h": "down_input", "fc2": "down_input", "c_proj": "o_input"}.get(
-        leaf, "input")
+    """What a linear consumes: the attention output (o_input), the MLP's hidden activations
+    (down_input), or a block input (input)."""
+    path = op.module.split(".")
+    leaf = path[-1]
+    if leaf in _DOWN_PROJECTIONS or (leaf == "c_proj" and "mlp" in path):
+        return "down_input"
+    if leaf in _O_PROJECTIONS or leaf == "c_proj":
+        return "o_input"
+    return "input"
 
 
 def quantize(trace: Trace, name: str) -> Trace:
@@ -230,10 +253,10 @@ def quantize(trace: Trace, name: str) -> Trace:
                                    "blocks to quantize")
     model_dtype = linears[0].dtype
     act = chosen.act or model_dtype
-    kv_factor = DTYPE_BYTES[chosen.kv] / DTYPE_BYTES.get(model_dtype, 2) if chosen.kv else 1.0
+    kv_factor = _kv_factor(trace, chosen, model_dtype)
     ops: list[Op] = []
     moved: dict[int, int] = {}  # old index → new index
-    quantized_inputs: dict[tuple[int, ...], int] = {}  # a linear input's deps → its kernel
+    quantized_inputs: dict[tuple[object, ...], int] = {}  # (layer, deps) → its kernel
     weights = trace.weights_bytes
     state = trace.state_bytes
 
@@ -247,7 +270,7 @@ def quantize(trace: Trace, name: str) -> Trace:
             deps = tuple(emit(extra, deps) for extra in _qk_transforms(op, chosen, model_dtype)) \
                 or deps
         if _in_block(op):
-            key = (*deps, hash(op.layer))
+            key = (op.layer, *deps)
             if key not in quantized_inputs:
                 last = None
                 for extra in _added(op, chosen, act, model_dtype, _input_name(op)):
@@ -266,15 +289,28 @@ def quantize(trace: Trace, name: str) -> Trace:
                 shapes=f"{op.shapes} [{label}]")
             moved[op.index] = emit(rewritten, (producer,) if producer >= 0 else deps)
             if chosen.dequantize:
-                moved[op.index] = emit(_dequantize(rewritten), (moved[op.index],))
+                moved[op.index] = emit(_dequantize(rewritten, model_dtype), (moved[op.index],))
             continue
-        if chosen.kv and op.kind == "attention":
+        if chosen.kv and op.kind == "attention" and op.dims["q_len"] < op.dims["kv_len"]:
+            # decode reads the quantized cache; a prefill attends over its fresh fp16 K/V
             op = replace(op, state_read_bytes=math.ceil(op.state_read_bytes * kv_factor),
-                         dims={**op.dims, "kv_bits": int(DTYPE_BYTES[chosen.kv] * 8)})
+                         dims={**op.dims, "kv_bits": round(
+                             kv_factor * DTYPE_BYTES.get(model_dtype, 2) * 8)})
         elif chosen.kv and op.state_write_bytes and op.kind == "memory":
             op = replace(op, state_write_bytes=math.ceil(op.state_write_bytes * kv_factor))
         moved[op.index] = emit(op, deps)
     if chosen.kv:
         state = math.ceil(state * kv_factor)
     return replace(trace, model=f"{trace.model} [{name}]", ops=tuple(ops),
-                   weights_bytes=weights, state_bytes=state)
+                   weights_bytes=_all_weights(trace, linears, weights), state_bytes=state)
+
+
+def _all_weights(trace: Trace, linears: list[Op], traced: int) -> int:
+    """The model's weight bytes after quantization. A step touches only some experts of an
+    MoE model, so the untouched ones (the trace's weights no op reads) shrink by the ratio
+    of the touched linears."""
+    read = sum(op.weight_bytes for op in trace.ops)
+    untouched = max(0, trace.weights_bytes - read)
+    before = sum(op.weight_bytes for op in linears)
+    after = before + traced - trace.weights_bytes  # what the linears weigh now
+    return math.ceil(traced + untouched * (after / before - 1)) if before else traced
