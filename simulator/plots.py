@@ -26,7 +26,7 @@ MARKERS = ("o", "^", "s", "D", "v", "P")
 ROOF_STYLES = ("-", "--", ":", "-.")
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
@@ -36,10 +36,11 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write `fig` to `path` as a PNG atomically (its folder made) and close it."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(buffer.getvalue())
@@ -118,19 +119,19 @@ def pareto_front(frame: pd.DataFrame, ax: Any, group: str = "hardware") -> None:
 
 
 def save_result_plots(result: Result, hw: Hardware, folder: str | Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     folder = Path(folder)
     fig, ax = plt.subplots(figsize=(max(6, len(result.layers) * 0.35), 4))
     layer_breakdown(result, ax)
-    paths = [_save(fig, folder / "layers.png")]
+    paths = [save_figure(fig, folder / "layers.png")]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     roofline(result, hw, ax)
-    paths.append(_save(fig, folder / "roofline.png"))
+    paths.append(save_figure(fig, folder / "roofline.png"))
     return paths
 
 
 def save_pareto(frame: pd.DataFrame, folder: str | Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pareto_front(frame, ax)
-    return _save(fig, Path(folder) / "pareto.png")
+    return save_figure(fig, Path(folder) / "pareto.png")

@@ -57,10 +57,9 @@ def to_csv(rows: list[dict[str, object]]) -> str:
 
 
 def plot(rows: list[dict[str, object]], path: Path) -> None:
-    import matplotlib
+    from simulator.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in MACHINES:
@@ -81,12 +80,7 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
               title="decode-shaped GEMV (bf16 weights)")
     right.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    tmp = path.with_suffix(".png.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -15,14 +15,13 @@ kernel for (W4A4 on the H100: no int4 tensor cores) is left out of its panel.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 from pathlib import Path
 
 from simulator.errors import UserError
 from simulator.files import write_atomic
 from simulator.hardware import load_hardware
 from simulator.oprun import gemm_op, run_op
+from simulator.studies.gemm import to_csv
 from simulator.validation.cases import load_cases, shipped_case_files
 
 MACHINES = ("gpu_a100.yaml", "gpu_a100_pcie.yaml", "gpu_h100.yaml")
@@ -74,20 +73,11 @@ def measured() -> list[dict[str, object]]:
     return points
 
 
-def to_csv(rows: list[dict[str, object]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
 def plot(rows: list[dict[str, object]], points: list[dict[str, object]], metric: str,
          path: Path) -> None:
-    import matplotlib
+    from simulator.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(len(WEIGHTS), len(MACHINES), figsize=(15, 11), squeeze=False)
     colours = dict(zip([s[0] for s in SCHEMES], plt.rcParams["axes.prop_cycle"].by_key()["color"],
@@ -113,12 +103,7 @@ def plot(rows: list[dict[str, object]], points: list[dict[str, object]], metric:
             ax.set_ylabel("TFLOP/s" if metric == "tflops" else "weight GB/s")
             ax.legend(fontsize=6)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    tmp = path.with_suffix(".png.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
