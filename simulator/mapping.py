@@ -30,7 +30,14 @@ from simulator.errors import UserError
 from simulator.hardware.schema import Hardware, LowBitKernel, MappingMode, Unit
 from simulator.hardware.select import rate, unit_for, vector_ns
 from simulator.schedule import Range, Schedule, SliceSchedule, StreamSchedule, spans
-from simulator.tiling import DTYPE_BYTES, CoreWork, fetch_bytes_per_ns, flash_work, gemm_work
+from simulator.tiling import (
+    DTYPE_BYTES,
+    CoreWork,
+    Tile,
+    fetch_bytes_per_ns,
+    flash_work,
+    gemm_work,
+)
 from simulator.workload.trace import Op, Trace
 
 Mapping = MappingMode
@@ -287,8 +294,8 @@ def _streaming(hw: Hardware, elements: float, read: float, write: float, ops: fl
 
 def _gemm(hw: Hardware, unit_name: str, unit: Unit, per_cycle: float, granularity: int,
           m: int, n: int, k: int, batch: int, elem: tuple[float, float, float],
-          decode: float = 0.0) -> Kernel:
-    schedule, work = gemm_work(hw, unit, per_cycle, m, n, k, batch, elem, decode)
+          decode: float = 0.0, fixed: Tile | None = None) -> Kernel:
+    schedule, work = gemm_work(hw, unit, per_cycle, m, n, k, batch, elem, decode, fixed)
     return _from_work(work, hw, unit_name, unit, granularity), schedule
 
 
@@ -355,7 +362,14 @@ def _tiled_matmul(op: Op, hw: Hardware, unit_name: str, unit: Unit, granularity:
                   inputs: MatmulInputs) -> tuple[Kernel, ...]:
     d = op.dims
     return (_gemm(hw, unit_name, unit, inputs.rate, granularity, d["m"], d["n"], d["k"],
-                  d["batch"], inputs.elem, inputs.unpack),)
+                  d["batch"], inputs.elem, inputs.unpack, fixed_tile(op)),)
+
+
+def fixed_tile(op: Op) -> Tile | None:
+    """The one thread-block tile a matmul's kernel was compiled for (dims tile_m, tile_n,
+    tile_k, set by the quantization scheme whose kernel it is); None: a library picks."""
+    d = op.dims
+    return (d["tile_m"], d["tile_n"], d["tile_k"]) if "tile_m" in d else None
 
 
 def _tiled_attention(op: Op, hw: Hardware, unit_name: str, unit: Unit, per_cycle: float,

@@ -23,6 +23,8 @@ from simulator.schedule import FlashSchedule, GemmSchedule, contiguous
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int32": 4,
                "int4": 0.5, "int2": 0.25, "ternary": 0.25}
 SPLIT_K = (1, 2, 3, 4, 6, 8, 12, 16)
+#: A thread-block tile (tm, tn, tk).
+Tile = tuple[int, int, int]
 #: Rows of the smallest tensor-core MMA (m16n8k16): what a decode kernel pads queries to.
 MMA_ROWS = 16
 #: Relative difference below which two GEMM plans' estimates count as equal (a memory-
@@ -196,8 +198,11 @@ def _unique_bytes(hw: Hardware, m: int, n: int, k: int, batch: int,
 
 
 def plan_gemm(hw: Hardware, unit: Unit, rate: float, m: int, n: int, k: int, batch: int,
-              elem: tuple[float, float, float], decode: float = 0.0) -> GemmPlan:
-    """The tile shape and split-K a library heuristic would pick: the fastest estimate."""
+              elem: tuple[float, float, float], decode: float = 0.0,
+              fixed: Tile | None = None) -> GemmPlan:
+    """The tile shape and split-K a library heuristic would pick: the fastest estimate.
+    `fixed`: a kernel compiled for one threadblock tile without split-K (a CUTLASS template
+    instantiated once, as QuaRot's int4 GEMM), whatever the shape."""
     cores = hw.cores.count
     clock = _clock_ns(hw)
     loads, stores = _unique_bytes(hw, m, n, k, batch, elem)
@@ -207,9 +212,11 @@ def plan_gemm(hw: Hardware, unit: Unit, rate: float, m: int, n: int, k: int, bat
     fitting = [t for t in unit.tiles if t[0] <= max(least_m, m)]
     least_n = min(t[1] for t in fitting)
     fitting = [t for t in fitting if t[1] <= max(least_n, n)]
+    if fixed is not None:
+        fitting = [fixed]
     for tile in fitting:
         tm, tn, tk = tile
-        for split in SPLIT_K:
+        for split in (1,) if fixed is not None else SPLIT_K:
             if split > 1 and math.ceil(k / split) < 2 * tk:
                 break
             tiles = batch * math.ceil(m / tm) * math.ceil(n / tn) * split
@@ -236,12 +243,12 @@ def plan_gemm(hw: Hardware, unit: Unit, rate: float, m: int, n: int, k: int, bat
 
 
 def gemm_work(hw: Hardware, unit: Unit, rate: float, m: int, n: int, k: int, batch: int,
-              elem: tuple[float, float, float], decode: float = 0.0
-              ) -> tuple[GemmSchedule, list[CoreWork]]:
+              elem: tuple[float, float, float], decode: float = 0.0,
+              fixed: Tile | None = None) -> tuple[GemmSchedule, list[CoreWork]]:
     """Per-core work of a GEMM (one kernel; split-K partials reduced in the epilogue), and
     the schedule it is timed with: each core a consecutive run of tiles. Compute runs at
     the clock the kernel's matrix activity leaves under the power limit."""
-    plan = plan_gemm(hw, unit, rate, m, n, k, batch, elem, decode)
+    plan = plan_gemm(hw, unit, rate, m, n, k, batch, elem, decode, fixed)
     cost = _gemm_tile(hw, unit, rate, m, n, k, (plan.tm, plan.tn, plan.tk), plan.split_k, elem,
                       decode)
     compute = cost.cycles * _clock_ns(hw) * hw.clock_scale(plan.matrix_busy)

@@ -4,19 +4,22 @@ quantization schemes (issue "GPU kernels that match measured ones")."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from simulator.api import simulate
+from simulator.api import run_trace, simulate
 from simulator.cli import main
 from simulator.hardware import load_hardware
+from simulator.hardware.schema import Hardware
 from simulator.mapping import map_trace
 from simulator.oprun import gemm_op, run_op, run_stream
 from simulator.tiling import plan_gemm
 from simulator.validation.cases import load_cases, shipped_case_files
 from simulator.workload.cache import get_trace
 from simulator.workload.quant import SCHEMES, kronecker_factors, quantize
+from simulator.workload.trace import Trace
 from workloads.config import resolve_model
 
 ONE_LAYER = {"num_hidden_layers": "1", "torch_dtype": "float16"}
@@ -110,17 +113,19 @@ def test_schemes_rewrite_linears_add_their_kernels_and_bytes() -> None:
         quantized = quantize(trace, name)
         added = [op for op in quantized.ops if op.name in ("quantize", "kronecker_quantize",
                                                            "kronecker", "hadamard", "dequantize",
-                                                           "transform")]
+                                                           "transform", "kv_quantize")]
         counts[name] = {n: sum(op.name == n for op in added) for n in {op.name for op in added}}
         assert quantized.weights_bytes < trace.weights_bytes
         deps_ok = all(d < op.index for op in quantized.ops for d in op.deps)
         assert deps_ok and [op.index for op in quantized.ops] == list(range(len(quantized.ops)))
     assert counts["w4a16"] == {} and counts["w8a8"] == {"quantize": 4}
-    assert counts["w4a4"] == {"quantize": 4, "dequantize": 7}
-    assert counts["w4a4-quarot"] == {"quantize": 4, "dequantize": 7, "hadamard": 4}
+    # the new K and V are quantized and packed before they enter the 4-bit cache
+    assert counts["w4a4"] == {"quantize": 4, "dequantize": 7, "kv_quantize": 2}
+    assert counts["w4a4-quarot"] == {"quantize": 4, "dequantize": 7, "hadamard": 4,
+                                     "kv_quantize": 2}
     # 4096 = 64 × 64 fused; 11008 = 86 × 128 is a transform and a quantize
     assert counts["w4a4-flatquant"] == {"kronecker_quantize": 3, "kronecker": 1, "quantize": 1,
-                                        "dequantize": 7, "transform": 2}
+                                        "dequantize": 7, "transform": 2, "kv_quantize": 2}
     assert kronecker_factors(4096) == (64, 64) and kronecker_factors(11008) == (86, 128)
     # w4a16 weights: half a byte plus an fp16 scale and zero per 128; the lm_head untouched
     w4 = quantize(trace, "w4a16")
@@ -135,6 +140,37 @@ def test_schemes_rewrite_linears_add_their_kernels_and_bytes() -> None:
     assert decode_attention.dims["kv_bits"] == 4
     prefill = quantize(_trace("prefill"), "w4a4")  # attends over its fresh fp16 K/V
     assert "kv_bits" not in next(op for op in prefill.ops if op.kind == "attention").dims
+
+
+def test_quarot_int4_gemm_runs_its_one_cutlass_tile_at_every_shape() -> None:
+    """QuaRot's CUTLASS kernel is compiled for 128 × 256 × 128 without split-K: a decode
+    step pads M = batch to 128 rows, so its GEMMs cost what a 128-row tile costs, while a
+    tuned library (BitBLAS-style w4a4 through `simulate op`) takes a 16-row tile."""
+    hw = load_hardware("gpu_rtx3090.yaml")
+    decode = quantize(_trace("decode", 1), "w4a4")
+    gemm = next(op for op in decode.ops if op.module == "layers.0.attn.q_proj")
+    assert (gemm.dims["tile_m"], gemm.dims["tile_n"], gemm.dims["tile_k"]) == (128, 256, 128)
+    task = next(t for t in map_trace(decode, hw) if t.op.module == gemm.module)
+    assert (task.schedules[0].tm, task.schedules[0].tn, task.schedules[0].split_k) == (128,
+                                                                                       256, 1)
+    free = map_trace(replace(decode, ops=tuple(
+        replace(op, dims={k: v for k, v in op.dims.items() if not k.startswith("tile_")})
+        for op in decode.ops)), hw)
+    free_task = next(t for t in free if t.op.module == gemm.module)
+    assert free_task.schedules[0].tm == 16
+    fixed_s = run_trace_latency(hw, decode, gemm.module)
+    assert fixed_s > 1.5 * run_trace_latency(hw, replace(decode, ops=tuple(
+        t.op for t in free)), gemm.module)
+    # the tile is the scheme's kernel, not the machine's: w8a8 still lets the library pick
+    w8 = quantize(_trace("decode", 1), "w8a8")
+    assert all("tile_m" not in op.dims for op in w8.ops)
+
+
+def run_trace_latency(hw: Hardware, trace: Trace, module: str) -> float:
+    """Simulated seconds of the op of `module` in `trace` on `hw`."""
+    _, _, timeline = run_trace(hw, trace)
+    index = next(op.index for op in trace.ops if op.module == module)
+    return (timeline.op_end_ns[index] - timeline.op_start_ns[index]) * 1e-9
 
 
 @pytest.mark.parametrize("bad", ["w5", "w4a16:g0", "w8a8:g32", "w4a16:32"])

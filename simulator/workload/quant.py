@@ -23,11 +23,14 @@ scales), and the kernels the scheme adds in front of them, one per distinct line
 - w2a8: int8 × int2 (BitNet-style); a per-tensor weight scale; a per-token quantize kernel.
 
 w4a4's KV cache is 4-bit as in the QuaRot and FlatQuant code the papers time (per token
-and head, an fp16 scale and zero; a prefill still attends over its fresh fp16 K/V, as
-there), and its int4 GEMM (QuaRot's CUTLASS kernel) writes int32 for a separate dequantize
-kernel, as there. The other quantized GEMMs dequantize in their epilogue, so their outputs
-stay in the model's dtype. Whether a machine runs a pair is the machine's question
-(`cores.units.*.kernels`); an fp8 scheme on a GPU without fp8 tensor cores is refused there.
+and head, an fp16 scale and zero, computed by a quantize-and-pack kernel on the new keys
+and values before the cache write; a prefill still attends over its fresh fp16 K/V, as
+there), and its int4 GEMM (QuaRot's CUTLASS kernel) runs one 128 × 256 × 128 tile without
+split-K at every shape (a decode step pads its rows to 128) and writes int32 for a
+separate dequantize kernel, as there. The other quantized GEMMs dequantize in their
+epilogue, so their outputs stay in the model's dtype. Whether a machine runs a pair is the
+machine's question (`cores.units.*.kernels`); an fp8 scheme on a GPU without fp8 tensor
+cores is refused there.
 """
 
 from __future__ import annotations
@@ -63,6 +66,17 @@ class Scheme:
     #: the GEMM writes int32 and a separate kernel dequantizes (QuaRot's int4 GEMM);
     #: false: dequantized in the GEMM's epilogue
     dequantize: bool = False
+    #: the one thread-block tile (tm, tn, tk) the scheme's GEMM kernel is compiled for, run
+    #: without split-K; None: a tuned library picks per shape
+    tile: tuple[int, int, int] | None = None
+
+
+#: QuaRot's int4 GEMM (spcl/QuaRot quarot/kernels/gemm.cu, which FlatQuant builds too):
+#: cutlass::gemm::device::Gemm<int4b_t, RowMajor, int4b_t, ColumnMajor, int32_t, RowMajor,
+#: int32_t, OpClassTensorOp, Sm80> with CUTLASS's default configuration for it
+#: (default_gemm_configuration.h): threadblock 128 × 256 × 128, 3 stages, no split-K, at
+#: every shape (a decode step pads M = batch to 128 rows).
+QUAROT_TILE = (128, 256, 128)
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -70,11 +84,12 @@ SCHEMES: dict[str, Scheme] = {
     "w8a16": Scheme(None, "int8", None, False),
     "w4a16": Scheme(None, "int4", GROUP, False),
     "w4a8": Scheme("int8", "int4", GROUP, True),
-    "w4a4": Scheme("int4", "int4", None, True, kv="int4", dequantize=True),
+    "w4a4": Scheme("int4", "int4", None, True, kv="int4", dequantize=True,
+                   tile=QUAROT_TILE),
     "w4a4-quarot": Scheme("int4", "int4", None, True, kv="int4", transform="hadamard",
-                          dequantize=True),
+                          dequantize=True, tile=QUAROT_TILE),
     "w4a4-flatquant": Scheme("int4", "int4", None, True, kv="int4", transform="kronecker",
-                             dequantize=True),
+                             dequantize=True, tile=QUAROT_TILE),
     "fp8": Scheme("fp8", "fp8", 0, True),
     "w2a8": Scheme("int8", "int2", 0, True),
 }
@@ -198,6 +213,25 @@ def _dequantize(gemm: Op, model_dtype: str) -> Op:
               shapes=f"[{d['m'] * d['batch']},{d['n']}] int32 → {model_dtype}")
 
 
+#: Element ops of an asymmetric per-(token, head) KV quantize and pack (QuaRot's and
+#: FlatQuant's asym_quantize_and_pack_i4): max, min, range, scale, zero, add, divide,
+#: round, clamp, convert, shift, or, and the pairing of two nibbles.
+KV_QUANTIZE_OPS = 13
+
+
+def _kv_quantize(write: Op, packed: int) -> Op:
+    """The kernel that quantizes the new keys (or values) before they enter a quantized
+    cache: reads them in the model's dtype, writes the packed codes with their fp16 scale
+    and zero (`packed` bytes), which the cache write then stores."""
+    numel = write.dims["numel"]
+    return Op(index=0, name="kv_quantize", fn="quantize", kind="elementwise",
+              module=f"{write.module}.kv_quantize", layer=write.layer, dtype=write.dtype,
+              ops=KV_QUANTIZE_OPS * numel, weight_bytes=0, state_read_bytes=0,
+              state_write_bytes=0, input_bytes=write.state_write_bytes, output_bytes=packed,
+              dims={"numel": numel, "rows": write.dims.get("rows", 1), "parallel": numel},
+              deps=(), shapes=f"{write.shapes.split(' ')[0]} → packed int4 + scale, zero")
+
+
 def _qk_transforms(attention: Op, chosen: Scheme, model_dtype: str) -> list[Op]:
     """The online transforms on the new queries and keys before a quantized KV cache:
     QuaRot's Hadamard per head, FlatQuant's head_dim × head_dim matmul (V untouched)."""
@@ -286,7 +320,7 @@ def quantize(trace: Trace, name: str) -> Trace:
                 input_bytes=_act_bytes(op, act) if chosen.quantize else op.input_bytes,
                 output_bytes=(op.output_bytes * INT32_BYTES // int(DTYPE_BYTES.get(
                     model_dtype, 2)) if chosen.dequantize else op.output_bytes),
-                shapes=f"{op.shapes} [{label}]")
+                dims={**op.dims, **_tile_dims(chosen)}, shapes=f"{op.shapes} [{label}]")
             moved[op.index] = emit(rewritten, (producer,) if producer >= 0 else deps)
             if chosen.dequantize:
                 moved[op.index] = emit(_dequantize(rewritten, model_dtype), (moved[op.index],))
@@ -297,12 +331,21 @@ def quantize(trace: Trace, name: str) -> Trace:
                          dims={**op.dims, "kv_bits": round(
                              kv_factor * DTYPE_BYTES.get(model_dtype, 2) * 8)})
         elif chosen.kv and op.state_write_bytes and op.kind == "memory":
-            op = replace(op, state_write_bytes=math.ceil(op.state_write_bytes * kv_factor))
+            packed = math.ceil(op.state_write_bytes * kv_factor)
+            deps = (emit(_kv_quantize(op, packed), deps),)
+            op = replace(op, state_write_bytes=packed, input_bytes=packed)
         moved[op.index] = emit(op, deps)
     if chosen.kv:
         state = math.ceil(state * kv_factor)
     return replace(trace, model=f"{trace.model} [{name}]", ops=tuple(ops),
                    weights_bytes=_all_weights(trace, linears, weights), state_bytes=state)
+
+
+def _tile_dims(chosen: Scheme) -> dict[str, int]:
+    """The dims that pin a matmul to its kernel's one tile (none: the library picks)."""
+    if chosen.tile is None:
+        return {}
+    return dict(zip(("tile_m", "tile_n", "tile_k"), chosen.tile, strict=True))
 
 
 def _all_weights(trace: Trace, linears: list[Op], traced: int) -> int:
