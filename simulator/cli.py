@@ -207,6 +207,7 @@ def _list(argv: Sequence[str]) -> int:
     _Parser(prog="simulate list", description="Shipped machines and model presets.").parse_args(
         argv)
     from simulator.hardware import shipped
+    from simulator.hardware.loader import shipped_systems
     from workloads.config import ALIASES, catalog, model_names, resolve_model
 
     def count(n: int) -> str:
@@ -216,6 +217,7 @@ def _list(argv: Sequence[str]) -> int:
         return str(n)
 
     print("hardware:", " ".join(shipped()))
+    print("systems (simulate op allreduce|allgather|… --hw SYSTEM):", " ".join(shipped_systems()))
     print("models (params: closed form from the config, embeddings included; context: "
           "max_position_embeddings):")
     row = "  {:<19}{:>9} {:<7}{:>7}{:>7}{:>9}{:>8}{:>8}  {:<9} {}"
@@ -298,7 +300,20 @@ def _op(argv: Sequence[str]) -> int:
     attention.add_argument("--unfused", action="store_true",
                            help="materialised scores even where fused kernels exist")
     attention.add_argument("--dtype", default="bf16")
-    for sub in (gemm, attention):
+    from simulator.collective import ALGORITHMS, KINDS
+
+    collectives = []
+    for kind in KINDS:
+        sub = kernels.add_parser(kind, help=f"{kind} over a system's links (nccl-tests "
+                                 "busbw)", description=f"one {kind} over a system's links, "
+                                 "timed on idle links; algbw and busbw as nccl-tests defines "
+                                 "them")
+        sub.add_argument("--bytes", required=True, help="nccl-tests size, e.g. 1GiB or 64MB")
+        sub.add_argument("--devices", type=int, default=None,
+                         help="ranks taking part (default: every device of the system)")
+        sub.add_argument("--algorithm", default="ring", help=f"one of {', '.join(ALGORITHMS)}")
+        collectives.append(sub)
+    for sub in (gemm, attention, *collectives):
         sub.add_argument("--hw", required=True)
         sub.add_argument("--hw-set", action="append", default=[], metavar="PATH=VALUE")
         sub.add_argument("--format", default="table", choices=("table", "json"))
@@ -306,6 +321,8 @@ def _op(argv: Sequence[str]) -> int:
     from simulator.hardware import load_hardware
 
     overrides = _pairs(args.hw_set, "--hw-set", True)
+    if args.kernel in KINDS:
+        return _collective(args, overrides)
     if args.kernel == "attention" and args.unfused:
         overrides["scheduling.fused_attention"] = False
     hw = load_hardware(args.hw, overrides)
@@ -327,6 +344,27 @@ def _op(argv: Sequence[str]) -> int:
         weight = getattr(args, "weight_dtype", "") or args.dtype
         render_kernel(result, dtype=args.dtype if weight == args.dtype else
                       f"{args.dtype} activations × {weight} weights")
+    return 0
+
+
+def _collective(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from simulator.collective import run_collective
+    from simulator.hardware.system import load_system
+    from simulator.units import UnitError, parse
+
+    try:
+        size = parse(args.bytes.replace(" ", ""), "size")
+    except UnitError as exc:
+        raise UserError("--bytes", f"expected a size with its unit, e.g. 1GiB ({exc})") from None
+    system, _ = load_system(args.hw, overrides)
+    result = run_collective(system, args.kernel, size, args.devices, args.algorithm)
+    if args.format == "json":
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(f"{result.kind} ({result.algorithm}) of {size:.6g} B over {result.devices} "
+              f"devices of {result.system}: {result.latency_s * 1e6:.4g} us, algbw "
+              f"{result.algbw_bytes_per_s / 1e9:.4g} GB/s, busbw "
+              f"{result.busbw_bytes_per_s / 1e9:.4g} GB/s")
     return 0
 
 

@@ -24,9 +24,21 @@ MAX_NODES = 100_000
 
 
 def shipped() -> list[str]:
-    """File names of the hardware descriptions shipped with the package."""
+    """File names of the chip descriptions shipped with the package."""
+    return [name for name, system in _shipped_files() if not system]
+
+
+def shipped_systems() -> list[str]:
+    """File names of the system descriptions (devices and links) shipped with the package."""
+    return [name for name, system in _shipped_files() if system]
+
+
+def _shipped_files() -> list[tuple[str, bool]]:
+    """(file name, whether it is a system: it has a top-level `devices:` key)."""
     folder = resources.files("hwconfigs")
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted((p.name, any(line.startswith("devices:") for line in
+                               p.read_text(encoding="utf-8").splitlines()))
+                  for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def locate(name: str | Path) -> tuple[str, str]:
@@ -47,12 +59,12 @@ def locate(name: str | Path) -> tuple[str, str]:
     hint = f"did you mean {near}? " if near else ""
     raise UserError(
         "--hw", f"no hardware file '{name}'; {hint}expected a path or one of: "
-                f"{', '.join(shipped())}")
+                f"{', '.join(shipped() + shipped_systems())}")
 
 
 def _nearest_shipped(name: str) -> str | None:
     """The shipped file whose name is closest to `name` (with or without .yaml), if any."""
-    files = {file.removesuffix(".yaml"): file for file in shipped()}
+    files = {file.removesuffix(".yaml"): file for file in shipped() + shipped_systems()}
     near = difflib.get_close_matches(name.removesuffix(".yaml"), list(files), n=1)
     return files[near[0]] if near else None
 
@@ -165,9 +177,9 @@ def _step(annotation: Any, part: Any) -> list[Any]:
     return found
 
 
-def _known_keys(loc: Iterable[Any]) -> list[str]:
+def _known_keys(loc: Iterable[Any], root: type[BaseModel]) -> list[str]:
     """Field names of the section that holds the key at `loc` (its last part)."""
-    annotations: list[Any] = [Hardware]
+    annotations: list[Any] = [root]
     for part in list(loc)[:-1]:
         annotations = [inner for annotation in annotations for inner in _step(annotation, part)]
     return sorted({name for annotation in annotations for kind in _unwrap(annotation)
@@ -175,10 +187,10 @@ def _known_keys(loc: Iterable[Any]) -> list[str]:
                    for name in kind.model_fields})
 
 
-def _unknown_key(loc: list[Any]) -> str:
+def _unknown_key(loc: list[Any], root: type[BaseModel]) -> str:
     """'unknown key' with the nearest field of its section (a key's first word counts too:
     'bandwith' finds bandwidth_per_channel)."""
-    keys = _known_keys(loc)
+    keys = _known_keys(loc, root)
     names = {key.split("_")[0]: key for key in keys} | {key: key for key in keys}
     near = difflib.get_close_matches(str(loc[-1]), list(names), n=1) if loc else []
     if near:
@@ -188,10 +200,10 @@ def _unknown_key(loc: list[Any]) -> str:
     return "unknown key (check its spelling against `simulate schema`)"
 
 
-def _describe(error: dict[str, Any], loc: list[Any]) -> str:
+def _describe(error: dict[str, Any], loc: list[Any], root: type[BaseModel]) -> str:
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":
-        return _unknown_key(loc)
+        return _unknown_key(loc, root)
     if kind == "missing":
         return "required field is missing"
     return message.removeprefix("Value error, ")
@@ -201,20 +213,27 @@ def validate(data: Any, shown: str, node: yaml.Node | None = None) -> Hardware:
     """Validate parsed YAML into a Hardware, raising one UserError for the first problem."""
     if not isinstance(data, dict):
         raise UserError(shown, "expected a YAML mapping of hardware sections at top level")
+    from simulator.hardware.system import is_system
+
+    if is_system(data):
+        raise UserError(shown, "is a system of several devices; expected one chip here "
+                               "(systems run collectives: simulate op allreduce --hw SYSTEM)")
     try:
         return Hardware.model_validate(data).read_from(shown)
     except ValidationError as exc:
-        # an unknown key first: a misspelt key also makes its real name look missing
-        error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        loc = [part for part in error["loc"] if not str(part).startswith("function-")]
-        field = ".".join(str(part) for part in loc) or "(top level)"
-        line = _line_of(node, loc)
-        where = f"{shown}:{line}" if line else shown
-        return _raise(f"{where}: {field}", _describe(error, loc))
+        raise describe_error(exc, shown, node, Hardware) from None
 
 
-def _raise(where: str, message: str) -> Hardware:
-    raise UserError(where, message)
+def describe_error(exc: ValidationError, shown: str, node: yaml.Node | None,
+                   root: type[BaseModel]) -> UserError:
+    """The one-line error for the first problem pydantic found in a `root` file."""
+    # an unknown key first: a misspelt key also makes its real name look missing
+    error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    loc = [part for part in error["loc"] if not str(part).startswith("function-")]
+    field = ".".join(str(part) for part in loc) or "(top level)"
+    line = _line_of(node, loc)
+    where = f"{shown}:{line}" if line else shown
+    return UserError(f"{where}: {field}", _describe(error, loc, root))
 
 
 def load_hardware(name: str | Path, overrides: Mapping[str, Any] | None = None) -> Hardware:

@@ -1,0 +1,80 @@
+"""One collective on a system: `simulate op allreduce|allgather|reducescatter|alltoall|
+sendrecv|broadcast --hw SYSTEM --bytes SIZE`, timed by the event simulation
+(simulator.engine.network) and reported with nccl-tests' bandwidth definitions
+(NVIDIA/nccl-tests doc/PERFORMANCE.md): algbw = size / time; busbw = algbw × 2(n−1)/n for
+all-reduce, × (n−1)/n for all-gather, reduce-scatter and all-to-all, × 1 for broadcast and
+send/recv. `size` is nccl-tests' size: the whole buffer of one rank (all-gather: the
+gathered output, reduce-scatter: the input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import simpy
+
+from simulator.engine.network import Network
+from simulator.errors import UserError
+from simulator.hardware.system import System
+
+KINDS = ("allreduce", "allgather", "reducescatter", "alltoall", "sendrecv", "broadcast")
+ALGORITHMS = ("ring",)
+
+
+def bus_factor(kind: str, devices: int) -> float:
+    """busbw / algbw for `kind` on `devices` ranks (nccl-tests PERFORMANCE.md)."""
+    n = devices
+    if kind == "allreduce":
+        return 2 * (n - 1) / n
+    if kind in ("allgather", "reducescatter", "alltoall"):
+        return (n - 1) / n
+    return 1.0
+
+
+@dataclass(frozen=True)
+class CollectiveResult:
+    """What one collective took, with nccl-tests' bandwidths."""
+
+    system: str
+    kind: str
+    algorithm: str
+    devices: int
+    bytes: float
+    latency_s: float
+
+    @property
+    def algbw_bytes_per_s(self) -> float:
+        return self.bytes / self.latency_s if self.latency_s else 0.0
+
+    @property
+    def busbw_bytes_per_s(self) -> float:
+        return self.algbw_bytes_per_s * bus_factor(self.kind, self.devices)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"system": self.system, "collective": self.kind, "algorithm": self.algorithm,
+                "devices": self.devices, "bytes": self.bytes, "latency_s": self.latency_s,
+                "algbw_bytes_per_s": self.algbw_bytes_per_s,
+                "busbw_bytes_per_s": self.busbw_bytes_per_s}
+
+
+def run_collective(system: System, kind: str, nbytes: float, devices: int | None = None,
+                   algorithm: str = "ring") -> CollectiveResult:
+    """Time one `kind` collective of `nbytes` over the first `devices` devices of `system`
+    (default: all) on otherwise idle links."""
+    if kind not in KINDS:
+        raise UserError("simulate op", f"expected one of {', '.join(KINDS)}, not {kind!r}")
+    if algorithm not in ALGORITHMS:
+        raise UserError("--algorithm", f"expected one of {', '.join(ALGORITHMS)} (tree and "
+                                       f"NVLS are not modelled yet), not {algorithm!r}")
+    count = system.count if devices is None else devices
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= system.count:
+        raise UserError("--devices", f"expected 1 … {system.count} ({system.name} has "
+                                     f"{system.count} devices), not {devices!r}")
+    if not nbytes > 0:
+        raise UserError("--bytes", f"expected a size above zero, e.g. 1GiB, not {nbytes!r}")
+    env = simpy.Environment()
+    network = Network(env, system, system.count)
+    done = env.event()
+    env.process(network.collective(kind, nbytes, list(range(count)), done))
+    env.run()
+    return CollectiveResult(system.name, kind, algorithm, count, nbytes, env.now * 1e-9)

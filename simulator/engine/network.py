@@ -1,0 +1,140 @@
+"""Links and collectives as SimPy processes.
+
+Every device has one port per direction into each level of its system's topology (a
+non-blocking switch). A transfer holds the sender's out port and the receiver's in port
+for bytes / (bandwidth × efficiency), then arrives one level latency later; the ports are
+free for the next transfer meanwhile. Collectives are made of such transfers, chunked and
+pipelined as NCCL's Simple protocol runs them: a ring step's chunk leaves a device once the
+same chunk of the step before has arrived there, so chunks of one collective overlap along
+the ring, and collectives that share ports (or a collective and other traffic) slow each
+other down by contention, not by a formula.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import simpy
+
+from simulator.hardware.system import System
+
+Process = Generator[simpy.Event, object, None]
+
+#: Bytes NCCL moves per pipelined ring transfer: its Simple protocol's slice of the 4 MiB
+#: channel buffer over NCCL_STEPS = 8 (nccl src/include/device.h, NCCL_BUFFSIZE default).
+CHUNK_BYTES = 512 * 1024
+#: Most chunks a ring step is cut into (a larger message moves bigger chunks: the same
+#: pipeline, fewer events).
+MAX_CHUNKS = 64
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """How a collective moves data: the ring steps each device sends, as fractions of the
+    message, and whether it is a ring at all (all-to-all and send/recv are direct)."""
+
+    steps: int
+    share: float
+    ring: bool = True
+
+
+def plan(kind: str, devices: int) -> Algorithm:
+    """Ring all-reduce: 2(n−1) steps of S/n; reduce-scatter and all-gather: n−1 of S/n;
+    broadcast: n−1 hops of the whole message (pipelined); send/recv: one shift of S;
+    all-to-all: S/n from every device to every other, at once."""
+    n = devices
+    if kind == "allreduce":
+        return Algorithm(2 * (n - 1), 1 / n)
+    if kind in ("reducescatter", "allgather"):
+        return Algorithm(n - 1, 1 / n)
+    if kind == "broadcast":
+        return Algorithm(n - 1, 1.0)
+    if kind == "sendrecv":
+        return Algorithm(1, 1.0)
+    if kind == "alltoall":
+        return Algorithm(1, 1 / n, ring=False)
+    raise ValueError(kind)
+
+
+class Network:
+    """The ports of every device of `system` on one SimPy environment."""
+
+    def __init__(self, env: simpy.Environment, system: System, devices: int) -> None:
+        self.env, self.system = env, system
+        levels = range(len(system.links))
+        self.out = [[simpy.Resource(env) for _ in levels] for _ in range(devices)]
+        self.into = [[simpy.Resource(env) for _ in levels] for _ in range(devices)]
+        self.events = 0
+
+    def transfer(self, src: int, dst: int, nbytes: float, arrived: simpy.Event) -> Process:
+        """Send `nbytes` from `src` to `dst`; `arrived` succeeds when the last byte lands.
+        Returns once the ports are free again (before the arrival)."""
+        index = self.system.level(src, dst)
+        level = self.system.links[index]
+        with self.out[src][index].request() as out, self.into[dst][index].request() as into:
+            yield out
+            yield into
+            yield self.env.timeout(nbytes / (level.bandwidth * level.efficiency) * 1e9)
+        self.events += 3
+        self.env.timeout(level.latency.ns(1.0)).callbacks.append(
+            lambda _e: arrived.succeed())
+
+    def collective(self, kind: str, nbytes: float, ranks: list[int],
+                   done: simpy.Event) -> Process:
+        """Run one collective of `nbytes` (nccl-tests' size) over `ranks`; `done` succeeds
+        when every device holds its result."""
+        n = len(ranks)
+        algorithm = plan(kind, n)
+        if n == 1:
+            done.succeed()
+            return
+        if not algorithm.ring:
+            yield from self._direct(nbytes * algorithm.share, ranks, done)
+            return
+        step_bytes = nbytes * algorithm.share
+        chunks = max(1, min(MAX_CHUNKS, math.ceil(step_bytes / CHUNK_BYTES)))
+        chunk = step_bytes / chunks
+        steps = algorithm.steps
+        # arrived[s][r][c]: chunk c of step s has reached ring position r
+        arrived = [[[self.env.event() for _ in range(chunks)] for _ in range(n)]
+                   for _ in range(steps)]
+        senders = [position for position in range(n)] if kind != "broadcast" else None
+        for c in range(chunks):
+            for position in range(n):
+                if senders is None and position == n - 1:
+                    continue  # a broadcast's last device forwards nothing
+                self.env.process(self._walk(kind, ranks, position, c, chunk, steps, arrived))
+        last = [arrived[steps - 1][(p + 1) % n][c] for p in range(n) for c in range(chunks)
+                if not (kind == "broadcast" and p != steps - 1)]
+        yield simpy.AllOf(self.env, last)
+        done.succeed()
+
+    def _walk(self, kind: str, ranks: list[int], position: int, c: int, chunk: float,
+              steps: int, arrived: list[list[list[simpy.Event]]]) -> Process:
+        """One chunk's sends from ring `position` through the steps: each after the same
+        chunk of the step before has arrived here (a broadcast's device p forwards at step
+        p, what came from the root)."""
+        n = len(ranks)
+        to = (position + 1) % n
+        for step in range(steps):
+            if kind == "broadcast" and step != position:
+                continue
+            if step > 0:
+                yield arrived[step - 1][position][c]
+            yield from self.transfer(ranks[position], ranks[to], chunk, arrived[step][to][c])
+
+    def _direct(self, share: float, ranks: list[int], done: simpy.Event) -> Process:
+        """All-to-all: every device sends `share` bytes to every other, in a staggered order
+        (device r first to r+1, then r+2, …) so that no receiver is everyone's first."""
+        n = len(ranks)
+        landed = []
+        for offset in range(1, n):
+            for position in range(n):
+                event = self.env.event()
+                landed.append(event)
+                self.env.process(self.transfer(ranks[position], ranks[(position + offset) % n],
+                                               share, event))
+        yield simpy.AllOf(self.env, landed)
+        done.succeed()

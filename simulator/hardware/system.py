@@ -1,0 +1,121 @@
+"""Systems: devices joined by links, level by level (a node's NVSwitch, the fabric between
+nodes). A system file names one chip file, how many of it a node holds, how many nodes
+there are, and one link level per tier of the topology, innermost first:
+
+    devices: {chip: gpu_a100.yaml, per_node: 8}
+    nodes: 1
+    links:
+      - {name: nvswitch, span: node, bandwidth: 300 GB/s, latency: 2 us, efficiency: 1}
+
+Each level is a non-blocking switch: every device has one port into it per direction,
+`bandwidth` per direction (what it can send while it receives as much), `latency` from
+the first byte leaving to its arrival, and `efficiency` the share of the rate a transfer
+sustains. Two devices talk over the innermost level that holds both. A level's `span` is
+`node` (the devices of one node) or `system` (every device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from simulator.errors import UserError
+from simulator.hardware.schema import Bandwidth, DelayField, Fraction, Hardware, Strict
+
+Span = Literal["node", "system"]
+
+
+class Devices(Strict):
+    chip: str = Field(description="the chip file every device is (a shipped name or a path "
+                                  "relative to the system file)")
+    per_node: int = Field(ge=1, le=1024, strict=True, description="devices in one node")
+
+
+class Level(Strict):
+    """One tier of the topology: a non-blocking switch with one port per device."""
+
+    name: str = Field(min_length=1)
+    span: Span = Field(description="node: joins the devices of one node; system: all devices")
+    bandwidth: Bandwidth = Field(description="per device and direction")
+    latency: DelayField = Field(description="first byte out to its arrival")
+    efficiency: Fraction = Field(default=1.0, description="share of `bandwidth` a transfer "
+                                                          "sustains")
+
+    @model_validator(mode="after")
+    def _latency_in_time(self) -> Level:
+        if self.latency.cycles:
+            raise ValueError("latency: expected a time (e.g. '2 us'); a link has no clock "
+                             "to count cycles of")
+        return self
+
+
+class System(Strict):
+    """Devices and the links between them (see the module notes)."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    devices: Devices
+    nodes: int = Field(default=1, ge=1, le=4096, strict=True)
+    links: tuple[Level, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _levels_cover_the_devices(self) -> System:
+        spans = [level.span for level in self.links]
+        if spans != sorted(spans, key=("node", "system").index) or len(set(spans)) != len(spans):
+            raise ValueError("links: expected at most one node level, then at most one "
+                             "system level, innermost first")
+        if self.nodes > 1 and "system" not in spans:
+            raise ValueError(f"links: {self.nodes} nodes need a level with span: system "
+                             "to join them")
+        if self.devices.per_node > 1 and spans[0] != "node" and self.nodes > 1:
+            raise ValueError("links: devices of one node need a level with span: node")
+        return self
+
+    @property
+    def count(self) -> int:
+        """All devices of the system."""
+        return self.devices.per_node * self.nodes
+
+    def level(self, a: int, b: int) -> int:
+        """Index of the innermost level that holds devices `a` and `b`."""
+        same_node = a // self.devices.per_node == b // self.devices.per_node
+        for index, level in enumerate(self.links):
+            if level.span == "system" or same_node:
+                return index
+        raise AssertionError("validated: a system level joins every pair")
+
+
+def is_system(data: Any) -> bool:
+    """Whether parsed YAML describes a system (it names its devices) rather than one chip."""
+    return isinstance(data, dict) and "devices" in data and "cores" not in data
+
+
+def load_system(name: str | Path, overrides: Mapping[str, Any] | None = None
+                ) -> tuple[System, Hardware]:
+    """A system file by path or shipped name (with dotted `--hw-set` overrides, e.g.
+    nodes=64), and the chip its devices are; a chip file is refused in one line."""
+    from simulator.hardware.loader import (
+        apply_overrides,
+        describe_error,
+        load_hardware,
+        locate,
+        parse_yaml,
+    )
+
+    shown, text = locate(name)
+    data, node = parse_yaml(text, shown)
+    if not is_system(data):
+        raise UserError(shown, "is one chip; expected a system file (devices, nodes, links), "
+                               "e.g. dgx_a100.yaml or hgx_a100_4gpu.yaml")
+    if overrides:
+        apply_overrides(data, overrides, "--hw-set")
+    try:
+        system = System.model_validate(data)
+    except ValidationError as exc:
+        raise describe_error(exc, shown, node, System) from None
+    beside = Path(shown).parent / system.devices.chip
+    chip = beside if Path(shown).is_file() and beside.is_file() else system.devices.chip
+    return system, load_hardware(chip)
