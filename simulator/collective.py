@@ -74,7 +74,6 @@ def run_collective(system: System, kind: str, nbytes: float, devices: int | None
         raise UserError("--bytes", f"expected a size above zero, e.g. 1GiB, not {nbytes!r}")
     env = simpy.Environment()
     network = Network(env, system, system.count)
-    done = env.event()
-    env.process(network.collective(kind, nbytes, list(range(count)), done))
+    env.process(network.collective(kind, nbytes, list(range(count))))
     env.run()
     return CollectiveResult(system.name, kind, algorithm, count, nbytes, env.now * 1e-9)

@@ -26,11 +26,11 @@ HELD_OUT = (("dgx_a100.yaml", "allreduce", 12 << 30, 2, 208e9, "N3"),)
 
 def fit_efficiency(name: str, kind: str, nbytes: int, devices: int, busbw: float) -> float:
     """The link efficiency at which the simulated busbw equals `busbw`."""
+    shipped, _ = load_system(name)
     efficiency = 1.0
     for _ in range(4):  # busbw ∝ efficiency up to the latency terms: converges at once
-        system, _ = load_system(name)
-        level = system.links[0].model_copy(update={"efficiency": efficiency})
-        system = system.model_copy(update={"links": (level, *system.links[1:])})
+        level = shipped.links[0].model_copy(update={"efficiency": efficiency})
+        system = shipped.model_copy(update={"links": (level, *shipped.links[1:])})
         got = run_collective(system, kind, nbytes, devices).busbw_bytes_per_s
         efficiency = min(1.0, efficiency * busbw / got)
     return efficiency

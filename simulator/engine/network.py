@@ -13,7 +13,7 @@ other down by contention, not by a formula.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
 import simpy
@@ -81,17 +81,15 @@ class Network:
         self.env.timeout(level.latency.ns(1.0)).callbacks.append(
             lambda _e: arrived.succeed())
 
-    def collective(self, kind: str, nbytes: float, ranks: list[int],
-                   done: simpy.Event) -> Process:
-        """Run one collective of `nbytes` (nccl-tests' size) over `ranks`; `done` succeeds
-        when every device holds its result."""
+    def collective(self, kind: str, nbytes: float, ranks: list[int]) -> Process:
+        """One collective of `nbytes` (nccl-tests' size) over `ranks`; the process ends when
+        every device holds its result."""
         n = len(ranks)
         algorithm = plan(kind, n)
         if n == 1:
-            done.succeed()
             return
         if not algorithm.ring:
-            yield from self._direct(nbytes * algorithm.share, ranks, done)
+            yield from self._direct(nbytes * algorithm.share, ranks)
             return
         step_bytes = nbytes * algorithm.share
         chunks = max(1, min(MAX_CHUNKS, math.ceil(step_bytes / CHUNK_BYTES)))
@@ -100,32 +98,28 @@ class Network:
         # arrived[s][r][c]: chunk c of step s has reached ring position r
         arrived = [[[self.env.event() for _ in range(chunks)] for _ in range(n)]
                    for _ in range(steps)]
-        senders = [position for position in range(n)] if kind != "broadcast" else None
+        # a broadcast is a chain from the root: device p forwards at step p only
+        chain = kind == "broadcast"
+        senders = range(n - 1) if chain else range(n)
         for c in range(chunks):
-            for position in range(n):
-                if senders is None and position == n - 1:
-                    continue  # a broadcast's last device forwards nothing
-                self.env.process(self._walk(kind, ranks, position, c, chunk, steps, arrived))
-        last = [arrived[steps - 1][(p + 1) % n][c] for p in range(n) for c in range(chunks)
-                if not (kind == "broadcast" and p != steps - 1)]
+            for position in senders:
+                self.env.process(self._walk(ranks, position, c, chunk,
+                                            [position] if chain else range(steps), arrived))
+        last = [arrived[steps - 1][(p + 1) % n][c] for p in ([n - 2] if chain else senders)
+                for c in range(chunks)]
         yield simpy.AllOf(self.env, last)
-        done.succeed()
 
-    def _walk(self, kind: str, ranks: list[int], position: int, c: int, chunk: float,
-              steps: int, arrived: list[list[list[simpy.Event]]]) -> Process:
-        """One chunk's sends from ring `position` through the steps: each after the same
-        chunk of the step before has arrived here (a broadcast's device p forwards at step
-        p, what came from the root)."""
-        n = len(ranks)
-        to = (position + 1) % n
-        for step in range(steps):
-            if kind == "broadcast" and step != position:
-                continue
+    def _walk(self, ranks: list[int], position: int, c: int, chunk: float,
+              steps: Iterable[int], arrived: list[list[list[simpy.Event]]]) -> Process:
+        """One chunk's sends from ring `position` at `steps`: each once the same chunk of
+        the step before has arrived here."""
+        to = (position + 1) % len(ranks)
+        for step in steps:
             if step > 0:
                 yield arrived[step - 1][position][c]
             yield from self.transfer(ranks[position], ranks[to], chunk, arrived[step][to][c])
 
-    def _direct(self, share: float, ranks: list[int], done: simpy.Event) -> Process:
+    def _direct(self, share: float, ranks: list[int]) -> Process:
         """All-to-all: every device sends `share` bytes to every other, in a staggered order
         (device r first to r+1, then r+2, …) so that no receiver is everyone's first."""
         n = len(ranks)
@@ -137,4 +131,3 @@ class Network:
                 self.env.process(self.transfer(ranks[position], ranks[(position + offset) % n],
                                                share, event))
         yield simpy.AllOf(self.env, landed)
-        done.succeed()
