@@ -8,10 +8,17 @@ from typing import Any, get_args
 
 from simulator.engine import Timeline, simulate_tasks
 from simulator.errors import Infeasible, UserError
-from simulator.hardware import Hardware, load_hardware
+from simulator.hardware import Hardware
 from simulator.hardware.schema import Runtime
 from simulator.hardware.select import UnratedDtype, check_mapping
-from simulator.mapping import DEFAULT_GRANULARITY, Mapping, Task, UnsupportedPair, map_trace
+from simulator.mapping import (
+    DEFAULT_GRANULARITY,
+    Links,
+    Mapping,
+    Task,
+    UnsupportedPair,
+    map_trace,
+)
 from simulator.power import energy
 from simulator.report import Result, build_result
 from simulator.workload.cache import get_trace
@@ -54,7 +61,8 @@ def step_shape(cfg: AnyModel, phase: str | None, batch: int, context: int | None
     return phase, (context if phase == "decode" else 0), (prompt if phase == "prefill" else 0)
 
 
-def _check_fits(hw: Hardware, trace: Trace) -> None:
+def check_fits(hw: Hardware, trace: Trace) -> None:
+    """Refuse a step whose weights, state and activations exceed the chip's DRAM."""
     need = trace.weights_bytes + trace.state_bytes + trace.activation_bytes
     have = hw.memory.dram.capacity
     if need > have:
@@ -69,7 +77,8 @@ def _check_fits(hw: Hardware, trace: Trace) -> None:
 
 def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
               granularity: int = DEFAULT_GRANULARITY, record: bool = False,
-              quant: str | None = None) -> tuple[Result, list[Task], Timeline]:
+              quant: str | None = None, links: Links | None = None
+              ) -> tuple[Result, list[Task], Timeline]:
     """Map and simulate a captured trace; also returns the tasks and timeline.
 
     Refused: a mapping the machine does not declare (`scheduling.mappings`), a granularity
@@ -80,9 +89,9 @@ def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
     if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
         raise UserError("--granularity",
                         f"expected a whole number of chunks ≥ 1, not {granularity!r}")
-    _check_fits(hw, trace)
+    check_fits(hw, trace)
     try:
-        tasks = map_trace(trace, hw, mapping, granularity)
+        tasks = map_trace(trace, hw, mapping, granularity, links)
     except (UnratedDtype, UnsupportedPair) as exc:
         if quant is not None:
             raise UserError(f"--quant {quant}", exc.detail) from None
@@ -101,7 +110,8 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
              granularity: int = DEFAULT_GRANULARITY, use_cache: bool = True,
              trace_file: str | Path | None = None, plot_dir: str | Path | None = None,
              runtime: Runtime | None = None, moe_routing: str | None = None,
-             quant: str | None = None) -> Result:
+             quant: str | None = None, tp: int = 1, pp: int = 1,
+             micro_batches: int = 1) -> Result:
     """Simulate one step of `model` on `hw`.
 
     decode (a causal LM's default): one new token for each of `batch` sequences after
@@ -113,10 +123,17 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
     `trace_file` receives a Chrome/Perfetto timeline of the run; `plot_dir` the per-layer
     breakdown and roofline PNGs. `runtime` (eager or cuda_graphs) replaces the host runtime
     the hardware file models (`overheads.runtime`); None keeps it. `quant` applies a
-    quantization scheme to the blocks' linears (simulator.workload.quant).
+    quantization scheme to the blocks' linears (simulator.workload.quant). On a system
+    (`hw` a system file), `tp`, `pp` and `micro_batches` spread the step over its devices
+    (simulator.parallel).
     """
-    machine = hw if isinstance(hw, Hardware) else load_hardware(hw, hw_set)
+    from simulator.hardware.system import load_machine
+    from simulator.parallel import Parallelism, check, check_degrees, simulate_system
+
+    system, machine = (None, hw) if isinstance(hw, Hardware) else load_machine(hw, hw_set)
     machine = with_runtime(machine, runtime)
+    par = Parallelism(tp, pp, micro_batches)
+    check_degrees(par)
     if isinstance(model, str):
         cfg = resolve_model(model, model_set, moe_routing)
     elif model_set or moe_routing is not None:
@@ -126,11 +143,22 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
     else:
         cfg = model
     phase, context, prompt = step_shape(cfg, phase, batch, context, prompt)
-    trace = get_trace(cfg, phase, batch, context, prompt, use_cache=use_cache)
+    if batch % micro_batches:
+        raise UserError("--micro-batches", f"expected a divisor of --batch {batch}, "
+                                           f"not {micro_batches}")
+    trace = get_trace(cfg, phase, batch // micro_batches, context, prompt,
+                      use_cache=use_cache)
     if quant is not None:
         from simulator.workload.quant import quantize
 
         trace = quantize(trace, quant)
+    check(par, system, trace)
+    if system is not None:
+        if trace_file is not None or plot_dir is not None:
+            raise UserError("--trace" if trace_file is not None else "--plot",
+                            f"is not drawn for a system yet ({system.name}); expected a chip "
+                            "file as --hw")
+        return simulate_system(system, machine, trace, par, mapping, granularity, quant)
     result, _, timeline = run_trace(machine, trace, mapping, granularity,
                                     record=trace_file is not None, quant=quant)
     if trace_file is not None:

@@ -130,6 +130,12 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runtime", default=None, choices=("eager", "cuda_graphs"),
                         help="GPU host runtime: a launch per kernel (eager) or one CUDA-graph "
                              "launch per step (default: the file's overheads.runtime)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel devices (Megatron splits; --hw a system)")
+    parser.add_argument("--pp", type=int, default=1,
+                        help="pipeline stages of equal depth (--hw a system)")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro-batches the batch flows through the pipeline in")
     parser.add_argument("--format", default="table", choices=("table", "json", "csv"),
                         help="a table (default), the JSON contract, or CSV per layer")
     parser.add_argument("--granularity", type=int, default=None,
@@ -160,7 +166,8 @@ def _run(argv: Sequence[str]) -> int:
         granularity=DEFAULT_GRANULARITY if args.granularity is None else args.granularity,
         use_cache=not args.no_cache,
         trace_file=args.trace, plot_dir=args.plot, runtime=args.runtime,
-        moe_routing=args.moe_routing, quant=args.quant)
+        moe_routing=args.moe_routing, quant=args.quant, tp=args.tp, pp=args.pp,
+        micro_batches=args.micro_batches)
     if args.format == "json":
         print(result.to_json())
     elif args.format == "csv":

@@ -24,6 +24,7 @@ count); `simulate check` replays exactly that schedule.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from simulator.errors import UserError
@@ -91,6 +92,8 @@ class Task:
     energy_ops: float
     lane_deps: bool
     schedules: tuple[Schedule, ...] = ()
+    #: a collective: ns the device's stream waits on its links (no stages on its cores)
+    link_ns: float = 0.0
 
     @property
     def parts(self) -> tuple[Part, ...]:
@@ -98,8 +101,8 @@ class Task:
 
     @property
     def cores(self) -> int:
-        """Cores busy in the widest stage."""
-        return max(sum(part.size for part in stage) for stage in self.stages)
+        """Cores busy in the widest stage (0: a collective, on the links)."""
+        return max((sum(part.size for part in stage) for stage in self.stages), default=0)
 
 
 @dataclass(frozen=True)
@@ -442,9 +445,15 @@ def _signature(op: Op) -> tuple:
             op.state_write_bytes, op.input_bytes, op.output_bytes, tuple(sorted(op.dims.items())))
 
 
+#: Times a collective op on the links of the system a device trace runs in (ns).
+Links = Callable[[Op], float]
+
+
 def map_trace(trace: Trace, hw: Hardware, mapping: Mapping = "tensor",
-              granularity: int = DEFAULT_GRANULARITY) -> list[Task]:
-    """Map every op of `trace` onto `hw` (ops that recur in every layer are mapped once)."""
+              granularity: int = DEFAULT_GRANULARITY, links: Links | None = None
+              ) -> list[Task]:
+    """Map every op of `trace` onto `hw` (ops that recur in every layer are mapped once);
+    a collective op (a device's share of a parallel model) is timed by `links`."""
     if granularity < 1:
         raise UserError("--granularity", "expected a whole number of chunks ≥ 1")
     mapped: dict[tuple, Task] = {}
@@ -452,7 +461,13 @@ def map_trace(trace: Trace, hw: Hardware, mapping: Mapping = "tensor",
     for op in trace.ops:
         key = _signature(op)
         known = mapped.get(key)
-        if known is None:
+        if known is None and op.kind == "collective":
+            if links is None:
+                raise ValueError(f"{op.module}: a collective needs the system's links")
+            known = mapped[key] = Task(op=op, stages=(), unit_kind="link", rate_key="",
+                                       energy_ops=0.0, lane_deps=False, link_ns=links(op))
+            tasks.append(known)
+        elif known is None:
             known = mapped[key] = map_op(op, hw, mapping, trace.batch, granularity)
             tasks.append(known)
         else:

@@ -47,6 +47,39 @@ class OpResult:
 
 
 @dataclass(frozen=True)
+class CollectiveShare:
+    """The collectives of one kind and size a device of a pipeline stage runs per step."""
+
+    stage: int
+    collective: str
+    bytes: int
+    count: int
+    time_s: float
+
+
+@dataclass(frozen=True)
+class SystemShare:
+    """How a step was spread over a system: the devices, the degrees of parallelism, what
+    one device holds, and the time on the links. `communication_s` is the link time on one
+    micro-batch's path through the stages (its collectives and the stage-to-stage sends);
+    `communication_share` is that over the path's whole time."""
+
+    system: str
+    devices: int
+    tp: int
+    pp: int
+    micro_batches: int
+    device_memory_bytes: int
+    device_weights_bytes: int
+    device_state_bytes: int
+    stage_latency_s: tuple[float, ...]
+    bubble_fraction: float
+    communication_s: float
+    communication_share: float
+    collectives: tuple[CollectiveShare, ...]
+
+
+@dataclass(frozen=True)
 class Result:
     """Projected performance of one model step on one machine."""
 
@@ -82,11 +115,15 @@ class Result:
     #: MoE models: the busiest expert's tokens over the fewest it could have, ⌈T·k / E⌉ (1.0:
     #: balanced), in the MoE block where that is largest; None for dense models
     expert_imbalance: float | None = None
+    #: a run on a system of several devices (simulator.parallel); None: one chip
+    system: SystemShare | None = None
 
     def to_dict(self, with_ops: bool = False) -> dict[str, Any]:
         data = asdict(self)
         if not with_ops:
             data.pop("ops")
+        if self.system is None:
+            data.pop("system")  # one chip: the contract it always had
         return data
 
     def to_json(self, with_ops: bool = False) -> str:
@@ -155,7 +192,7 @@ def build_result(hw: Hardware, trace: Trace, tasks: list[Task], timeline: Timeli
                    for name, lat, _ in _layer_latencies(trace, timeline))
     ops = tuple(
         OpResult(index=op.index, name=op.name, kind=op.kind, module=op.module, layer=op.layer,
-                 unit=task.parts[0].unit, cores=task.cores,
+                 unit=task.parts[0].unit if task.parts else "links", cores=task.cores,
                  start_s=start * 1e-9, end_s=end * 1e-9, ops=op.ops,
                  dram_bytes=sum((p.dram_load_bytes + p.dram_store_bytes) * p.size
                                 for p in task.parts), energy_j=joules)

@@ -8,7 +8,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from simulator.report import Result
+from simulator.report import Result, SystemShare
 
 if TYPE_CHECKING:
     from simulator.oprun import KernelResult
@@ -97,6 +97,8 @@ def render(result: Result, console: Console | None = None) -> None:
     ]
     if result.expert_imbalance is not None:
         rows.append(("expert load (busiest / ⌈mean⌉)", f"{result.expert_imbalance:.2f}"))
+    if result.system is not None:
+        rows += _system_rows(result.system)
     for name, value in rows:
         summary.add_row(name, value)
     console.print(summary)
@@ -110,6 +112,24 @@ def render(result: Result, console: Console | None = None) -> None:
     console.print(layers)
     for note in result.notes:
         console.print(f"note: {note}")
+
+
+def _system_rows(share: SystemShare) -> list[tuple[str, str]]:
+    """How a system run was spread: degrees, one device's memory, links and bubbles."""
+    stages = ", ".join(_si(t, "s") for t in share.stage_latency_s)
+    return [
+        ("devices", f"{share.devices} of {share.system}: tp {share.tp} × pp {share.pp}, "
+                    f"{share.micro_batches} micro-batch(es)"),
+        ("per device", f"{_bytes(share.device_memory_bytes)} (weights "
+                       f"{_bytes(share.device_weights_bytes)}, state "
+                       f"{_bytes(share.device_state_bytes)})"),
+        ("stage time per micro-batch", stages),
+        ("pipeline bubbles", f"{share.bubble_fraction:.1%}"),
+        ("communication (one micro-batch's path)",
+         f"{_si(share.communication_s, 's')} ({share.communication_share:.1%})"),
+        *((f"  stage {c.stage}: {c.count} × {c.collective}", f"{_bytes(c.bytes)} each, "
+           f"{_si(c.time_s, 's')}") for c in share.collectives),
+    ]
 
 
 _MODES = {"fwd": "forward", "bwd": "backward", "fwd_bwd": "forward + backward"}

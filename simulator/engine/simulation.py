@@ -144,18 +144,28 @@ class _Run:
                 arrived.give()
         self.events += 3 * chunks
 
+    def _launch(self) -> Process:
+        """One kernel launch: serial on the host's launcher."""
+        if self.launch_ns:
+            if (wait := self.launcher.acquire()) is not None:
+                yield wait
+            yield self._timeout(self.launch_ns)
+            self.launcher.release()
+
     def _task(self, index: int, task: Task, prerequisites: list[simpy.Event],
               lanes: list[list[simpy.Event]]) -> Process:
         env = self.env
         if prerequisites:
             yield simpy.AllOf(env, prerequisites)
+        if not task.stages:  # a collective: the stream waits on the links
+            yield from self._launch()
+            self.start[index] = env.now
+            yield self._timeout(task.link_ns)
+            self.end[index] = env.now
+            return
         last = len(task.stages) - 1
         for number, stage in enumerate(task.stages):
-            if self.launch_ns:
-                if (wait := self.launcher.acquire()) is not None:
-                    yield wait
-                yield self._timeout(self.launch_ns)
-                self.launcher.release()
+            yield from self._launch()
             if number == 0:
                 self.start[index] = env.now
             go = env.event()
@@ -179,7 +189,8 @@ class _Run:
         host = env.process(self._step_start(host_bytes) if step and self.step_launch_ns
                            else self.machine.host_transfer(host_bytes))
         for task in self.tasks:
-            self.part_done.append([env.event() for _ in task.stages[-1]])
+            self.part_done.append([env.event() for _ in (task.stages[-1] if task.stages
+                                                         else ())])
             self.done.append(env.event())
         processes = []
         overlap = self.hw.scheduling.overlap_ops
@@ -210,10 +221,11 @@ def _one_stream(hw: Hardware, tasks: list[Task], host_bytes: float, record: bool
     starts, ends = [], []
     alone: dict[tuple, Timeline] = {}
     for index, task in enumerate(tasks):
-        run = alone.get(task.stages)
+        run = alone.get((task.stages, task.link_ns))
         if run is None:
             by_itself = replace(task, op=replace(task.op, deps=()))
-            run = alone[task.stages] = _Run(hw, [by_itself], record).run(0.0, step=False)
+            run = alone[task.stages, task.link_ns] = _Run(hw, [by_itself], record).run(
+                0.0, step=False)
             events += run.events
         starts.append(now + run.op_start_ns[0])
         ends.append(now + run.op_end_ns[0])

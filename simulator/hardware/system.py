@@ -93,25 +93,25 @@ def is_system(data: Any) -> bool:
     return isinstance(data, dict) and "devices" in data and "cores" not in data
 
 
-def load_system(name: str | Path, overrides: Mapping[str, Any] | None = None
-                ) -> tuple[System, Hardware]:
-    """A system file by path or shipped name (with dotted `--hw-set` overrides, e.g.
-    nodes=64), and the chip its devices are; a chip file is refused in one line."""
+def load_machine(name: str | Path, overrides: Mapping[str, Any] | None = None
+                 ) -> tuple[System | None, Hardware]:
+    """A hardware file by path or shipped name, with dotted `--hw-set` overrides: a system
+    (with the chip its devices are) or one chip (None, the chip)."""
     from simulator.hardware.loader import (
         apply_overrides,
         describe_error,
         load_hardware,
         locate,
         parse_yaml,
+        validate,
     )
 
     shown, text = locate(name)
     data, node = parse_yaml(text, shown)
-    if not is_system(data):
-        raise UserError(shown, "is one chip; expected a system file (devices, nodes, links), "
-                               "e.g. dgx_a100.yaml or hgx_a100_4gpu.yaml")
-    if overrides:
+    if overrides and isinstance(data, dict):
         apply_overrides(data, overrides, "--hw-set")
+    if not is_system(data):
+        return None, validate(data, shown, node)
     try:
         system = System.model_validate(data)
     except ValidationError as exc:
@@ -119,3 +119,13 @@ def load_system(name: str | Path, overrides: Mapping[str, Any] | None = None
     beside = Path(shown).parent / system.devices.chip
     chip = beside if Path(shown).is_file() and beside.is_file() else system.devices.chip
     return system, load_hardware(chip)
+
+
+def load_system(name: str | Path, overrides: Mapping[str, Any] | None = None
+                ) -> tuple[System, Hardware]:
+    """A system file and the chip its devices are; a chip file is refused in one line."""
+    system, chip = load_machine(name, overrides)
+    if system is None:
+        raise UserError(str(name), "is one chip; expected a system file (devices, nodes, "
+                                   "links), e.g. dgx_a100.yaml or hgx_a100_4gpu.yaml")
+    return system, chip

@@ -136,7 +136,7 @@ def _weight_bytes(op: Op, chosen: Scheme) -> int:
     return math.ceil(stored + scales)
 
 
-def _in_block(op: Op) -> bool:
+def in_block(op: Op) -> bool:
     """A linear with weights inside one of the model's repeated blocks."""
     return (op.kind == "matmul" and op.weight_bytes > 0 and op.layer != op.module
             and op.module.startswith(op.layer + "."))
@@ -263,7 +263,7 @@ _O_PROJECTIONS = {"o_proj", "out_proj", "dense"}
 _DOWN_PROJECTIONS = {"down_proj", "dense_4h_to_h", "fc2", "fc_out", "w2"}
 
 
-def _input_name(op: Op) -> str:
+def linear_input(op: Op) -> str:
     """What a linear consumes: the attention output (o_input), the MLP's hidden activations
     (down_input), or a block input (input)."""
     path = op.module.split(".")
@@ -278,7 +278,7 @@ def _input_name(op: Op) -> str:
 def quantize(trace: Trace, name: str) -> Trace:
     """`trace` with scheme `name` applied (see the module notes)."""
     chosen = scheme(name)
-    linears = [op for op in trace.ops if _in_block(op)]
+    linears = [op for op in trace.ops if in_block(op)]
     if any(op.kind == "ternary_matmul" for op in trace.ops):
         raise UserError("--quant", f"{trace.model} is already ternary (W2A8 BitLinear); "
                                    "expected a model with floating-point linears")
@@ -303,11 +303,11 @@ def quantize(trace: Trace, name: str) -> Trace:
         if chosen.transform and op.kind == "attention":
             deps = tuple(emit(extra, deps) for extra in _qk_transforms(op, chosen, model_dtype)) \
                 or deps
-        if _in_block(op):
+        if in_block(op):
             key = (op.layer, *deps)
             if key not in quantized_inputs:
                 last = None
-                for extra in _added(op, chosen, act, model_dtype, _input_name(op)):
+                for extra in _added(op, chosen, act, model_dtype, linear_input(op)):
                     last = emit(extra, deps if last is None else (last,))
                 quantized_inputs[key] = last if last is not None else -1
             producer = quantized_inputs[key]

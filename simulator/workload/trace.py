@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 OpKind = Literal["matmul", "ternary_matmul", "attention", "norm", "recurrence", "softmax",
-                 "reduction", "activation", "elementwise", "embedding", "memory"]
+                 "reduction", "activation", "elementwise", "embedding", "memory", "collective"]
 Phase = Literal["decode", "prefill", "forward"]
 #: Op kinds that run on a matrix or ternary unit; all others run on a vector unit.
 MATRIX_KINDS = frozenset({"matmul", "ternary_matmul", "attention"})
