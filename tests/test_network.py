@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import simpy
 
-from simulator.calibration.links import FITS, HELD_OUT, fit_efficiency
+from simulator.calibration.fit import shipped_cases
+from simulator.calibration.links import CASES, fit_efficiency
 from simulator.cli import main
 from simulator.collective import KINDS, bus_factor, run_collective
 from simulator.engine.network import CHUNK_BYTES, Network
 from simulator.hardware.loader import shipped, shipped_systems
 from simulator.hardware.system import load_system
+from simulator.validation.cases import measure
 
 
 def test_shipped_systems_load_and_chips_stay_chips() -> None:
@@ -80,14 +83,23 @@ def test_busbw_follows_nccl_tests_definitions() -> None:
 
 
 def test_link_fits_reproduce_the_shipped_efficiencies_and_the_held_out_pair() -> None:
-    for name, kind, nbytes, devices, busbw, _ in FITS:
-        system, _ = load_system(name)
-        assert fit_efficiency(name, kind, nbytes, devices, busbw) == pytest.approx(
-            system.links[0].efficiency, abs=1e-4)
-    for name, kind, nbytes, devices, busbw, _ in HELD_OUT:
-        system, _ = load_system(name)
-        got = run_collective(system, kind, nbytes, devices).busbw_bytes_per_s
-        assert abs(got / busbw - 1) <= 0.15
+    cases = shipped_cases(CASES).values()
+    assert {case.role for case in cases} == {"fitted", "held-out"}
+    for case in cases:
+        system, _ = load_system(case.hardware)
+        if case.role == "fitted":
+            assert fit_efficiency(case) == pytest.approx(system.links[0].efficiency, abs=1e-4)
+        else:
+            assert abs(measure(case) / case.reference - 1) <= case.tolerance
+
+
+def test_a_link_level_is_set_by_its_index() -> None:
+    half, _ = load_system("dgx_a100.yaml", {"links.0.efficiency": 0.5})
+    shipped, _ = load_system("dgx_a100.yaml")
+    slow = run_collective(half, "allreduce", 1 << 30).busbw_bytes_per_s
+    assert slow == pytest.approx(run_collective(shipped, "allreduce", 1 << 30)
+                                 .busbw_bytes_per_s * 0.5 / shipped.links[0].efficiency,
+                                 rel=1e-3)
 
 
 def test_simulate_op_allreduce_prints_the_json_contract(capsys: pytest.CaptureFixture[str]
@@ -119,6 +131,49 @@ def test_bad_collective_inputs_are_one_line(args: list[str], flag: str,
 
 def test_a_system_is_refused_where_one_chip_is_expected(capsys: pytest.CaptureFixture[str]
                                                         ) -> None:
-    assert main(["--hw", "dgx_a100.yaml", "--model", "tiny"]) == 2
+    assert main(["op", "gemm", "--m", "64", "--n", "64", "--k", "64", "--hw",
+                 "dgx_a100.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "system" in err
+
+
+def test_the_collectives_study_writes_its_curve_and_the_measured_points(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from simulator.studies import collectives
+
+    monkeypatch.setattr(collectives, "SIZES", (1 << 10, 1 << 20, 1 << 30))
+    monkeypatch.setattr("sys.argv", ["collectives", "--out", str(tmp_path)])
+    collectives.main()
+    rows = (tmp_path / "collectives.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 * len(collectives.CURVES)
+    assert (tmp_path / "collectives_busbw.png").stat().st_size > 10_000
+    busbw = [float(row.split(",")[-1]) for row in rows[1:4]]
+    assert busbw[0] < busbw[1] < busbw[2]  # latency-bound small, link-bound large
+    points = collectives.measured()
+    assert {p["role"] for p in points} == {"fitted", "held-out"} and len(points) == 3
+
+
+def test_a_long_ring_over_identical_nodes_is_timed_by_two_of_them() -> None:
+    """Rings over 4 nodes are simulated over 2 (translation symmetry on idle links): the
+    same time as all 4 simulated, and one NIC per GPU carries a ring across nodes."""
+    system, _ = load_system("dgx_a100_cluster.yaml", {"nodes": 4})
+
+    class Whole(Network):
+        def rings(self, ranks: list[int]) -> list[list[int]]:
+            groups = [ranks[i:i + 8] for i in range(0, len(ranks), 8)]
+            return [[r for g in groups for r in g[c:] + g[:c]] for c in range(8)]
+
+    def timed(network_type: type[Network], size: int) -> float:
+        env = simpy.Environment()
+        network = network_type(env, system, system.count)
+        env.process(network.collective("allreduce", size, list(range(32))))
+        env.run()
+        return env.now
+
+    for size in (1 << 16, 64 << 20):
+        assert timed(Network, size) == pytest.approx(timed(Whole, size), rel=1e-9)
+    two, _ = load_system("dgx_a100_cluster.yaml")
+    cross = run_collective(two, "allreduce", 1 << 30).busbw_bytes_per_s
+    ib = two.links[1]
+    # 8 rings, each leaving a node through its own 25 GB/s port
+    assert cross == pytest.approx(ib.bandwidth * ib.efficiency * 8, rel=0.02)

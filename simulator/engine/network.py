@@ -28,6 +28,9 @@ CHUNK_BYTES = 512 * 1024
 #: Most chunks a ring step is cut into (a larger message moves bigger chunks: the same
 #: pipeline, fewer events).
 MAX_CHUNKS = 64
+#: Most transfers one collective is simulated with: a long ring's steps move fewer, larger
+#: chunks (its pipeline fill is then a few chunks longer).
+MAX_TRANSFERS = 100_000
 
 
 @dataclass(frozen=True)
@@ -66,24 +69,28 @@ class Network:
         levels = range(len(system.links))
         self.out = [[simpy.Resource(env) for _ in levels] for _ in range(devices)]
         self.into = [[simpy.Resource(env) for _ in levels] for _ in range(devices)]
-        self.events = 0
+        # per level: ns per byte at the sustained rate, and the latency in ns
+        self.ns_per_byte = [1e9 / (level.bandwidth * level.efficiency) for level in system.links]
+        self.latency_ns = [level.latency.seconds * 1e9 for level in system.links]
+        self.per_node = system.devices.per_node
+        self.inner = 0  # the innermost level: a node's, or the system's where there is none
+        self.outer = len(system.links) - 1  # the level between nodes
 
     def transfer(self, src: int, dst: int, nbytes: float, arrived: simpy.Event) -> Process:
         """Send `nbytes` from `src` to `dst`; `arrived` succeeds when the last byte lands.
         Returns once the ports are free again (before the arrival)."""
-        index = self.system.level(src, dst)
-        level = self.system.links[index]
+        index = self.inner if src // self.per_node == dst // self.per_node else self.outer
         with self.out[src][index].request() as out, self.into[dst][index].request() as into:
             yield out
             yield into
-            yield self.env.timeout(nbytes / (level.bandwidth * level.efficiency) * 1e9)
-        self.events += 3
-        self.env.timeout(level.latency.ns(1.0)).callbacks.append(
-            lambda _e: arrived.succeed())
+            yield self.env.timeout(nbytes * self.ns_per_byte[index])
+        self.env.timeout(self.latency_ns[index]).callbacks.append(lambda _e: arrived.succeed())
 
     def collective(self, kind: str, nbytes: float, ranks: list[int]) -> Process:
         """One collective of `nbytes` (nccl-tests' size) over `ranks`; the process ends when
-        every device holds its result."""
+        every device holds its result. Ranks on several nodes run one ring per device of a
+        node (NCCL's one ring per NIC), each leaving every node from a different device,
+        with an equal share of the message."""
         n = len(ranks)
         algorithm = plan(kind, n)
         if n == 1:
@@ -91,8 +98,41 @@ class Network:
         if not algorithm.ring:
             yield from self._direct(nbytes * algorithm.share, ranks)
             return
+        rings = [ranks] if kind == "broadcast" else self.rings(ranks)  # one root: one chain
+        yield simpy.AllOf(self.env, [self.env.process(self._ring(kind, nbytes / len(rings),
+                                                                 ring, algorithm, len(rings)))
+                                     for ring in rings])
+
+    def rings(self, ranks: list[int]) -> list[list[int]]:
+        """The ring orders a collective over `ranks` runs: one, within a node; across nodes
+        one per device of a node, each rotating the devices of every node by one more.
+
+        Over more than two nodes of equal groups the rings are simulated over the first two
+        only: on idle, identical nodes every stretch of a ring between two node crossings
+        does the same at the same time, so a ring of two stretches run with the full ring's
+        steps and step bytes (`_ring` takes those from the algorithm) times the whole one
+        (as identical cores of a chip are simulated once)."""
+        per_node = self.system.devices.per_node
+        nodes: dict[int, list[int]] = {}
+        for rank in ranks:
+            nodes.setdefault(rank // per_node, []).append(rank)
+        if len(nodes) == 1:
+            return [ranks]
+        groups = list(nodes.values())
+        if len(groups) > 2 and len({len(group) for group in groups}) == 1:
+            groups = groups[:2]
+        width = min(len(group) for group in groups)
+        return [[rank for group in groups for rank in group[c:] + group[:c]]
+                for c in range(width)]
+
+    def _ring(self, kind: str, nbytes: float, ranks: list[int], algorithm: Algorithm,
+              rings: int) -> Process:
+        """One of `rings` rings' share of a ring collective, chunked and pipelined (with no
+        more chunks than keep the whole collective within MAX_TRANSFERS transfers)."""
+        n = len(ranks)
         step_bytes = nbytes * algorithm.share
-        chunks = max(1, min(MAX_CHUNKS, math.ceil(step_bytes / CHUNK_BYTES)))
+        budget = MAX_TRANSFERS // (rings * n * algorithm.steps)
+        chunks = max(1, min(MAX_CHUNKS, budget, math.ceil(step_bytes / CHUNK_BYTES)))
         chunk = step_bytes / chunks
         steps = algorithm.steps
         # arrived[s][r][c]: chunk c of step s has reached ring position r

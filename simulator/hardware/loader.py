@@ -117,17 +117,21 @@ def _count_nodes(root: yaml.Node, limit: int) -> int:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any], flag: str) -> None:
-    """Set dotted paths in `data` in place: {'clock': '54 MHz', 'cores.count': 8}."""
+    """Set dotted paths in `data` in place: {'clock': '54 MHz', 'cores.count': 8}; a
+    number picks a list item ('links.0.efficiency': the first link level's)."""
     for path, value in overrides.items():
         keys = path.split(".")
         if not all(keys):
             raise UserError(f"{flag} {path}", "expected a dotted path such as 'cores.count'")
         target: Any = data
         for depth, key in enumerate(keys[:-1]):
-            if not isinstance(target, dict) or key not in target:
-                where = ".".join(keys[: depth + 1])
+            where = ".".join(keys[: depth + 1])
+            if isinstance(target, list) and key.isdigit() and int(key) < len(target):
+                target = target[int(key)]
+            elif isinstance(target, dict) and key in target:
+                target = target[key]
+            else:
                 raise UserError(f"{flag} {path}", f"'{where}' is not a section of the file")
-            target = target[key]
         if not isinstance(target, dict):
             raise UserError(f"{flag} {path}", f"'{'.'.join(keys[:-1])}' is not a section")
         target[keys[-1]] = value
@@ -217,7 +221,8 @@ def validate(data: Any, shown: str, node: yaml.Node | None = None) -> Hardware:
 
     if is_system(data):
         raise UserError(shown, "is a system of several devices; expected one chip here "
-                               "(systems run collectives: simulate op allreduce --hw SYSTEM)")
+                               "(a system runs models, with --tp/--pp, and collectives: "
+                               "simulate op allreduce --hw SYSTEM)")
     try:
         return Hardware.model_validate(data).read_from(shown)
     except ValidationError as exc:

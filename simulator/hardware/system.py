@@ -10,8 +10,9 @@ there are, and one link level per tier of the topology, innermost first:
 Each level is a non-blocking switch: every device has one port into it per direction,
 `bandwidth` per direction (what it can send while it receives as much), `latency` from
 the first byte leaving to its arrival, and `efficiency` the share of the rate a transfer
-sustains. Two devices talk over the innermost level that holds both. A level's `span` is
-`node` (the devices of one node) or `system` (every device).
+sustains. Two devices talk over the innermost level that holds both
+(simulator.engine.network). A level's `span` is `node` (the devices of one node) or
+`system` (every device).
 """
 
 from __future__ import annotations
@@ -70,22 +71,12 @@ class System(Strict):
         if self.nodes > 1 and "system" not in spans:
             raise ValueError(f"links: {self.nodes} nodes need a level with span: system "
                              "to join them")
-        if self.devices.per_node > 1 and spans[0] != "node" and self.nodes > 1:
-            raise ValueError("links: devices of one node need a level with span: node")
         return self
 
     @property
     def count(self) -> int:
         """All devices of the system."""
         return self.devices.per_node * self.nodes
-
-    def level(self, a: int, b: int) -> int:
-        """Index of the innermost level that holds devices `a` and `b`."""
-        same_node = a // self.devices.per_node == b // self.devices.per_node
-        for index, level in enumerate(self.links):
-            if level.span == "system" or same_node:
-                return index
-        raise AssertionError("validated: a system level joins every pair")
 
 
 def is_system(data: Any) -> bool:

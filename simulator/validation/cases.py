@@ -29,9 +29,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from simulator.api import simulate
+from simulator.collective import run_collective
 from simulator.engine import simulate_tasks
 from simulator.errors import UserError, first_error
 from simulator.hardware import load_hardware
+from simulator.hardware.system import load_system
 from simulator.oprun import Mode, gemm_op, run_attention, run_op, run_stream
 from simulator.report import Result
 from simulator.yamlfile import load_yaml
@@ -57,7 +59,7 @@ class Kernel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["attention", "gemm", "stream"]
+    type: Literal["attention", "gemm", "stream", "collective"]
     mode: Mode = Field(default="fwd", description="attention: fwd, bwd or fwd_bwd")
     batch: int = 1
     heads: int = 1
@@ -72,6 +74,9 @@ class Kernel(BaseModel):
     stream: str = Field(default="read", description="stream: init, read, scale or triad")
     threads: int = Field(default=2048, description="stream: resident threads per core")
     elements: int = Field(default=1 << 27, description="stream: doubles per array")
+    collective: str = Field(default="allreduce", description="collective: which one")
+    bytes: int = Field(default=1 << 30, description="collective: nccl-tests size")
+    devices: int | None = Field(default=None, description="collective: ranks (default all)")
 
 
 class Versus(BaseModel):
@@ -246,7 +251,12 @@ def _blocks(result: Result) -> float:
 
 
 def _kernel(case: Case, kernel: Kernel) -> float:
-    """The kernel's TFLOP/s, latency or bandwidth, by the same code path as `simulate op`."""
+    """The kernel's TFLOP/s, latency or bandwidth (a collective's: busbw), by the same
+    code path as `simulate op`."""
+    if kernel.type == "collective":
+        system, _ = load_system(case.hardware, case.hw_set)
+        done = run_collective(system, kernel.collective, kernel.bytes, kernel.devices)
+        return done.latency_s if case.metric == "latency_s" else done.busbw_bytes_per_s
     hw = load_hardware(case.hardware, case.hw_set)
     if kernel.type == "gemm":
         result = run_op(hw, gemm_op(kernel.m, kernel.n, kernel.k, kernel.dtype, kernel.batch,
