@@ -91,11 +91,12 @@ def check(par: Parallelism, system: System | None, trace: Trace) -> None:
 
 def _blocks(trace: Trace) -> list[str]:
     """The model's repeated blocks, in order (layers named `….N`)."""
-    seen: dict[str, None] = {}
-    for op in trace.ops:
-        if op.layer.rpartition(".")[2].isdigit():
-            seen.setdefault(op.layer, None)
-    return list(seen)
+    return list(dict.fromkeys(op.layer for op in trace.ops if _is_block(op.layer)))
+
+
+def _is_block(layer: str) -> bool:
+    """Whether `layer` names one of the model's repeated blocks (`layers.N`, `h.N`, …)."""
+    return layer.rpartition(".")[2].isdigit()
 
 
 def _divide(value: int, tp: int) -> int:
@@ -156,8 +157,7 @@ def split_tensor(trace: Trace, tp: int) -> Trace:
             moved[op.index] = emit(replace(_split_op(op, tp), dims={
                 **d, "heads": d["heads"] // tp, "kv_heads": d["kv_heads"] // tp,
                 "parallel": _divide(d["parallel"], tp)}), deps)
-        elif (op.module.startswith(op.layer + ".") and op.kind != "norm"
-              and op.layer.rpartition(".")[2].isdigit()):
+        elif op.module.startswith(op.layer + ".") and op.kind != "norm" and _is_block(op.layer):
             moved[op.index] = emit(_split_op(op, tp), deps)  # between the two splits
         else:
             moved[op.index] = emit(op, deps)  # norms, residual adds, embedding: whole
@@ -169,6 +169,8 @@ def split_tensor(trace: Trace, tp: int) -> Trace:
 def split_pipeline(trace: Trace, pp: int) -> list[Trace]:
     """The `pp` stages of `trace`: equal runs of blocks, the ops before the first block
     with the first stage and those after the last with the last."""
+    if pp == 1:
+        return [trace]
     blocks = _blocks(trace)
     depth = len(blocks) // pp
     stage_of = {name: i // depth for i, name in enumerate(blocks)}
@@ -183,12 +185,10 @@ def split_pipeline(trace: Trace, pp: int) -> list[Trace]:
         renumbered = tuple(replace(op, index=i, deps=tuple(index[d] for d in op.deps
                                                            if d in index))
                            for i, op in enumerate(ops))
-        share = sum(op.layer in stage_of for op in ops) / max(1, sum(
-            op.layer in stage_of for op in trace.ops))
         traces.append(replace(trace, ops=renumbered,
                               weights_bytes=sum(op.weight_bytes for op in ops),
-                              state_bytes=math.ceil(trace.state_bytes * share)))
-    return traces if pp > 1 else [trace]
+                              state_bytes=math.ceil(trace.state_bytes / pp)))  # equal depth
+    return traces
 
 
 def links_of(system: System, tp: int) -> Callable[[Op], float]:
