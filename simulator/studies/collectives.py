@@ -13,13 +13,11 @@ efficiency was fitted to them, hollow where held out.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from simulator.collective import run_collective
-from simulator.files import write_atomic
 from simulator.hardware.system import load_system
-from simulator.studies.gemm import to_csv
+from simulator.studies import out_folder, write_csv
 from simulator.validation.cases import load_cases, shipped_case_files
 
 #: (system file, devices) of each curve
@@ -82,13 +80,9 @@ def plot(rows: list[dict[str, object]], points: list[dict[str, object]], path: P
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="reports", help="folder for the CSV and PNG")
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_folder(__doc__)
     rows = sweep()
-    write_atomic(out / "collectives.csv", to_csv(rows), "--out")
+    write_csv(out / "collectives.csv", rows)
     plot(rows, measured(), out / "collectives_busbw.png")
     print(f"wrote {out / 'collectives.csv'} and {out / 'collectives_busbw.png'}")
 

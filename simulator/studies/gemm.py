@@ -10,14 +10,11 @@ HBM bandwidth they reach).
 
 from __future__ import annotations
 
-import argparse
-import csv
-import io
 from pathlib import Path
 
-from simulator.files import write_atomic
 from simulator.hardware import Hardware, load_hardware
 from simulator.oprun import gemm_op, run_op
+from simulator.studies import out_folder, write_csv
 
 MACHINES = ("gpu_a100.yaml", "gpu_h100.yaml")
 SQUARE = tuple(int(256 * 2 ** (i / 2)) // 64 * 64 for i in range(13))  # 256 … 16384
@@ -48,14 +45,6 @@ def sweep() -> list[dict[str, object]]:
     return rows
 
 
-def to_csv(rows: list[dict[str, object]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
 def plot(rows: list[dict[str, object]], path: Path) -> None:
     from simulator.plots import pyplot, save_figure
 
@@ -84,13 +73,9 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="reports", help="folder for the CSV and PNG")
-    args = parser.parse_args()
+    out = out_folder(__doc__)
     rows = sweep()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "gemm_tflops.csv", to_csv(rows), "--out")
+    write_csv(out / "gemm_tflops.csv", rows)
     plot(rows, out / "gemm_tflops.png")
     print(f"{len(rows)} points written to {out / 'gemm_tflops.csv'} and {out / 'gemm_tflops.png'}")
 

@@ -14,14 +14,12 @@ kernel for (W4A4 on the H100: no int4 tensor cores) is left out of its panel.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from simulator.errors import UserError
-from simulator.files import write_atomic
 from simulator.hardware import load_hardware
 from simulator.oprun import gemm_op, run_op
-from simulator.studies.gemm import to_csv
+from simulator.studies import out_folder, write_csv
 from simulator.validation.cases import load_cases, shipped_case_files
 
 MACHINES = ("gpu_a100.yaml", "gpu_a100_pcie.yaml", "gpu_h100.yaml")
@@ -107,14 +105,10 @@ def plot(rows: list[dict[str, object]], points: list[dict[str, object]], metric:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="reports", help="folder for the CSV and PNGs")
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_folder(__doc__)
     rows = sweep()
     points = measured()
-    write_atomic(out / "lowbit.csv", to_csv(rows), "--out")
+    write_csv(out / "lowbit.csv", rows)
     plot(rows, points, "tflops", out / "lowbit_tflops.png")
     plot(rows, points, "weight_gbps", out / "lowbit_gbps.png")
     print(f"{len(rows)} points written to {out / 'lowbit.csv'}, lowbit_tflops.png and "
