@@ -31,6 +31,8 @@ CASES = [
      {"phase": "prefill", "prompt": 2048}, 2.0),
     ("llama2-7b decode, gpu_h100", "gpu_h100.yaml", "llama2-7b", {}, None),
     ("llama2-70b decode, dgx_a100, tp 8", "dgx_a100.yaml", "llama2-70b", {"tp": 8}, 2.0),
+    ("mixtral-8x7b prefill 8 × 2048, dgx_a100, ep 8", "dgx_a100.yaml", "mixtral-8x7b",
+     {"phase": "prefill", "batch": 8, "prompt": 2048, "ep": 8}, 5.0),
 ]
 
 

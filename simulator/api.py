@@ -111,7 +111,8 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
              trace_file: str | Path | None = None, plot_dir: str | Path | None = None,
              runtime: Runtime | None = None, moe_routing: str | None = None,
              quant: str | None = None, tp: int = 1, pp: int = 1,
-             micro_batches: int = 1) -> Result:
+             micro_batches: int = 1, ep: int = 1, placement: str | Path | None = None,
+             ep_mode: str = "combine", dp: int = 1) -> Result:
     """Simulate one step of `model` on `hw`.
 
     decode (a causal LM's default): one new token for each of `batch` sequences after
@@ -125,14 +126,18 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
     the hardware file models (`overheads.runtime`); None keeps it. `quant` applies a
     quantization scheme to the blocks' linears (simulator.workload.quant). On a system
     (`hw` a system file), `tp`, `pp` and `micro_batches` spread the step over its devices
-    (simulator.parallel).
+    (simulator.parallel), `dp` replicates that over equal shares of the batch, and `ep`
+    an MoE model's experts, placed by the `placement` file
+    (default contiguous) under the `ep_mode` runtime (combine or coherent;
+    simulator.experts).
     """
     from simulator.hardware.system import load_machine
     from simulator.parallel import Parallelism, check, check_degrees, simulate_system
 
     system, machine = (None, hw) if isinstance(hw, Hardware) else load_machine(hw, hw_set)
     machine = with_runtime(machine, runtime)
-    par = Parallelism(tp, pp, micro_batches)
+    par = Parallelism(tp, pp, micro_batches, ep, None if placement is None else str(placement),
+                      ep_mode, dp)  # type: ignore[arg-type]
     check_degrees(par)
     if isinstance(model, str):
         cfg = resolve_model(model, model_set, moe_routing)
@@ -143,10 +148,13 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
     else:
         cfg = model
     phase, context, prompt = step_shape(cfg, phase, batch, context, prompt)
-    if batch % micro_batches:
-        raise UserError("--micro-batches", f"expected a divisor of --batch {batch}, "
-                                           f"not {micro_batches}")
-    trace = get_trace(cfg, phase, batch // micro_batches, context, prompt,
+    if batch % dp:
+        raise UserError("--dp", f"expected a divisor of --batch {batch} (each replica takes "
+                                f"an equal share of the sequences), not {dp}")
+    if batch // dp % micro_batches:
+        raise UserError("--micro-batches", f"expected a divisor of a replica's batch "
+                                           f"{batch // dp}, not {micro_batches}")
+    trace = get_trace(cfg, phase, batch // dp // micro_batches, context, prompt,
                       use_cache=use_cache)
     if quant is not None:
         from simulator.workload.quant import quantize

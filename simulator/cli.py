@@ -136,6 +136,19 @@ def _run_parser() -> argparse.ArgumentParser:
                         help="pipeline stages of equal depth (--hw a system)")
     parser.add_argument("--micro-batches", type=int, default=1,
                         help="micro-batches the batch flows through the pipeline in")
+    parser.add_argument("--dp", type=int, default=1,
+                        help="data-parallel replicas, each on an equal share of --batch "
+                             "(--hw a system)")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert-parallel devices: an MoE model's experts spread over "
+                             "them, the rest data-parallel (--hw a system)")
+    parser.add_argument("--placement", metavar="FILE", default=None,
+                        help="--ep: experts' devices: contiguous (default, as DeepSpeed-"
+                             "MoE), an ExFlow solution CSV, or a placement YAML (shipped: "
+                             "exflow_mixtral_8gpu.yaml, exflow_mixtral_4gpu.yaml)")
+    parser.add_argument("--ep-mode", default="combine", choices=("combine", "coherent"),
+                        help="--ep: dispatch and combine all-to-alls per MoE block (combine, "
+                             "default) or ExFlow's context-coherent one (coherent, decode)")
     parser.add_argument("--format", default="table", choices=("table", "json", "csv"),
                         help="a table (default), the JSON contract, or CSV per layer")
     parser.add_argument("--granularity", type=int, default=None,
@@ -167,7 +180,8 @@ def _run(argv: Sequence[str]) -> int:
         use_cache=not args.no_cache,
         trace_file=args.trace, plot_dir=args.plot, runtime=args.runtime,
         moe_routing=args.moe_routing, quant=args.quant, tp=args.tp, pp=args.pp,
-        micro_batches=args.micro_batches)
+        micro_batches=args.micro_batches, ep=args.ep, placement=args.placement,
+        ep_mode=args.ep_mode, dp=args.dp)
     if args.format == "json":
         print(result.to_json())
     elif args.format == "csv":

@@ -9,6 +9,7 @@ gathered output, reduce-scatter: the input).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import simpy
@@ -77,3 +78,13 @@ def run_collective(system: System, kind: str, nbytes: float, devices: int | None
     env.process(network.collective(kind, nbytes, list(range(count))))
     env.run()
     return CollectiveResult(system.name, kind, algorithm, count, nbytes, env.now * 1e-9)
+
+
+def run_alltoallv(system: System, matrix: Sequence[Sequence[float]]) -> float:
+    """Seconds an all-to-all of uneven messages takes on the first len(matrix) devices of
+    `system` on idle links: device s sends matrix[s][d] bytes to device d."""
+    env = simpy.Environment()
+    network = Network(env, system, system.count)
+    env.process(network.alltoallv(matrix, list(range(len(matrix)))))
+    env.run()
+    return env.now * 1e-9

@@ -25,14 +25,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from collections.abc import Mapping as Table
 from dataclasses import dataclass, replace
 from functools import cache
 
 import simpy
 
-from simulator.collective import run_collective
+from simulator.collective import run_alltoallv, run_collective
 from simulator.engine.network import Network
 from simulator.errors import Infeasible, UserError
+from simulator.experts import (
+    MODES,
+    Matrix,
+    Mode,
+    contiguous,
+    expert_bytes,
+    is_expert,
+    load_placement,
+    split_experts,
+)
 from simulator.hardware.schema import Hardware
 from simulator.hardware.system import System
 from simulator.mapping import Mapping
@@ -43,23 +54,44 @@ from simulator.workload.trace import Op, Trace
 
 @dataclass(frozen=True)
 class Parallelism:
-    """Degrees of parallelism of one run."""
+    """Degrees of parallelism of one run, and for expert parallelism the placement file
+    (None: contiguous) and runtime (simulator.experts)."""
 
     tp: int = 1
     pp: int = 1
     micro_batches: int = 1
+    ep: int = 1
+    placement: str | None = None
+    ep_mode: Mode = "combine"
+    dp: int = 1
+
+    @property
+    def group(self) -> int:
+        """Devices of one pipeline stage."""
+        return self.tp * self.ep
+
+    @property
+    def replica(self) -> int:
+        """Devices of one data-parallel replica."""
+        return self.group * self.pp
 
     @property
     def devices(self) -> int:
-        return self.tp * self.pp
+        return self.replica * self.dp
 
 
 def check_degrees(par: Parallelism) -> None:
     """Refuse a degree that is not a whole number ≥ 1, naming its flag."""
     for flag, value in (("--tp", par.tp), ("--pp", par.pp),
-                        ("--micro-batches", par.micro_batches)):
+                        ("--micro-batches", par.micro_batches), ("--ep", par.ep),
+                        ("--dp", par.dp)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(flag, f"expected a whole number ≥ 1, not {value!r}")
+    if par.ep_mode not in MODES:
+        raise UserError("--ep-mode", f"expected one of {', '.join(MODES)}, not {par.ep_mode!r}")
+    if par.ep == 1 and (par.placement is not None or par.ep_mode != "combine"):
+        raise UserError("--placement" if par.placement is not None else "--ep-mode",
+                        "places experts over devices; expected --ep N (N > 1) with it")
 
 
 def check(par: Parallelism, system: System | None, trace: Trace) -> None:
@@ -67,13 +99,28 @@ def check(par: Parallelism, system: System | None, trace: Trace) -> None:
     take, naming the flag."""
     if system is None:
         if par.devices > 1 or par.micro_batches > 1:
-            raise UserError("--tp" if par.tp > 1 else "--pp" if par.pp > 1 else
-                            "--micro-batches", "needs a system of several devices as --hw "
-                            "(e.g. dgx_a100.yaml); this --hw is one chip")
+            raise UserError("--tp" if par.tp > 1 else "--pp" if par.pp > 1 else "--ep"
+                            if par.ep > 1 else "--dp" if par.dp > 1 else "--micro-batches",
+                            "needs a system of several "
+                            "devices as --hw (e.g. dgx_a100.yaml); this --hw is one chip")
         return
     if par.devices > system.count:
-        raise UserError("--tp", f"--tp {par.tp} × --pp {par.pp} = {par.devices} devices, but "
-                                f"{system.name} has {system.count}")
+        flag = max(("--tp", par.tp), ("--ep", par.ep), ("--pp", par.pp), ("--dp", par.dp),
+                   key=lambda f: f[1])[0]
+        raise UserError(flag, f"--dp {par.dp} × --tp {par.tp} × --ep {par.ep} × --pp {par.pp} = "
+                                f"{par.devices} devices, but {system.name} has {system.count}")
+    if par.ep > 1:
+        if not trace.expert_tokens:
+            raise UserError("--ep", "places an MoE model's experts; this model has none, "
+                                    "expected --ep 1")
+        experts = len(trace.expert_tokens[0])
+        if experts % par.ep:
+            raise UserError("--ep", f"expected a divisor of the model's {experts} experts per "
+                                    f"block, not {par.ep}")
+        if par.ep_mode == "coherent" and trace.phase != "decode":
+            raise UserError("--ep-mode", "coherent (ExFlow) is modelled for decode steps (its "
+                                         "prompts' context is all-gathered once, before); "
+                                         "expected --phase decode or --ep-mode combine")
     attention = next((op for op in trace.ops if op.kind == "attention"), None)
     if attention is not None and par.tp > 1:
         for key in ("heads", "kv_heads"):
@@ -166,11 +213,35 @@ def split_tensor(trace: Trace, tp: int) -> Trace:
                    state_bytes=_divide(trace.state_bytes, tp))
 
 
-def split_pipeline(trace: Trace, pp: int) -> list[Trace]:
+def resident_weights(trace: Trace, experts_held: Table[str, int] | None = None
+                     ) -> dict[str, int]:
+    """Weight bytes a device holds per layer of `trace`: what its ops read, the experts no
+    token chose (an MoE block holds `experts_held[layer]` experts, default all), and the
+    rest of the model's weights (the embedding table beyond the rows read) in the first
+    layer."""
+    held: dict[str, int] = {}
+    for op in trace.ops:
+        if not is_expert(op):
+            held[op.layer] = held.get(op.layer, 0) + op.weight_bytes
+    sizes = expert_bytes(trace)
+    experts = len(trace.expert_tokens[0]) if trace.expert_tokens else 0
+    for layer, size in sizes.items():
+        held[layer] += size * (experts if experts_held is None else experts_held[layer])
+    first = trace.ops[0].layer if trace.ops else ""
+    read = sum(op.weight_bytes for op in trace.ops if not is_expert(op))
+    held[first] = held.get(first, 0) + max(
+        0, trace.weights_bytes - read - sum(size * experts for size in sizes.values()))
+    return held
+
+
+def split_pipeline(trace: Trace, pp: int, held: Table[str, int] | None = None
+                   ) -> list[Trace]:
     """The `pp` stages of `trace`: equal runs of blocks, the ops before the first block
-    with the first stage and those after the last with the last."""
+    with the first stage and those after the last with the last. `held`: the weight bytes
+    a device holds per layer (default: resident_weights of `trace`)."""
     if pp == 1:
-        return [trace]
+        return [trace if held is None else replace(trace, weights_bytes=sum(held.values()))]
+    held = resident_weights(trace) if held is None else held
     blocks = _blocks(trace)
     depth = len(blocks) // pp
     stage_of = {name: i // depth for i, name in enumerate(blocks)}
@@ -185,20 +256,35 @@ def split_pipeline(trace: Trace, pp: int) -> list[Trace]:
         renumbered = tuple(replace(op, index=i, deps=tuple(index[d] for d in op.deps
                                                            if d in index))
                            for i, op in enumerate(ops))
+        layers = dict.fromkeys(op.layer for op in ops)
         traces.append(replace(trace, ops=renumbered,
-                              weights_bytes=sum(op.weight_bytes for op in ops),
+                              weights_bytes=sum(held.get(layer, 0) for layer in layers),
                               state_bytes=math.ceil(trace.state_bytes / pp)))  # equal depth
     return traces
 
 
-def links_of(system: System, tp: int) -> Callable[[Op], float]:
-    """Times a device trace's collectives (ns) on the TP group's idle links, memoized."""
+def links_of(system: System, matrices: Table[str, Matrix] | None = None
+             ) -> Callable[[Op], float]:
+    """Times a device trace's collectives (ns) on idle links, memoized: over the first
+    `devices` devices of the system, an all-to-all with a byte matrix (`matrices`, by the
+    op's module) by that matrix."""
+    matrices = matrices or {}
 
     @cache
-    def timed(kind: str, nbytes: int) -> float:
-        return run_collective(system, kind, nbytes, tp).latency_s * 1e9
+    def timed(kind: str, nbytes: int, devices: int) -> float:
+        return run_collective(system, kind, nbytes, devices).latency_s * 1e9
 
-    return lambda op: timed(op.fn, op.input_bytes)
+    @cache
+    def uneven(matrix: Matrix) -> float:
+        return run_alltoallv(system, matrix) * 1e9
+
+    def link(op: Op) -> float:
+        matrix = matrices.get(op.module)
+        if matrix is not None:
+            return uneven(matrix)
+        return timed(op.fn, op.input_bytes, op.dims["devices"])
+
+    return link
 
 
 @dataclass(frozen=True)
@@ -227,11 +313,11 @@ def run_pipeline(system: System, par: Parallelism, stage_ns: list[float],
                 yield env.timeout(busy)
             if s + 1 < len(stage_ns):
                 started, landed = env.now, []
-                for rank in range(par.tp):
+                for rank in range(par.group):
                     event = env.event()
                     landed.append(event)
-                    env.process(network.transfer(s * par.tp + rank, (s + 1) * par.tp + rank,
-                                                 send_bytes, event))
+                    env.process(network.transfer(s * par.group + rank,
+                                                 (s + 1) * par.group + rank, send_bytes, event))
                 yield simpy.AllOf(env, landed)
                 sends.append(env.now - started)
 
@@ -249,33 +335,52 @@ def stage_input_bytes(stage: Trace) -> float:
 
 
 
+def split_system(trace: Trace, par: Parallelism) -> tuple[list[Trace], dict[str, Matrix]]:
+    """One device's trace per pipeline stage (tensor split, then expert split, then cut into
+    stages), and the byte matrices of the expert all-to-alls."""
+    trace = split_tensor(trace, par.tp)
+    if par.ep == 1:
+        return split_pipeline(trace, par.pp), {}
+    blocks, experts = len(trace.expert_tokens), len(trace.expert_tokens[0])
+    placement = (contiguous(blocks, experts, par.ep) if par.placement in (None, "contiguous")
+                 else load_placement(par.placement, par.ep, blocks, experts))
+    layers = list(expert_bytes(trace))
+    held = resident_weights(trace, {layer: max(len(placement.experts_on(b, d))
+                                              for d in range(par.ep))
+                                    for b, layer in enumerate(layers)})
+    top_k = sum(trace.expert_tokens[0]) // trace.tokens
+    split = split_experts(trace, placement, par.ep_mode, top_k)
+    return split_pipeline(split.trace, par.pp, held), split.matrices
+
+
 def simulate_system(system: System, chip: Hardware, trace: Trace, par: Parallelism,
                     mapping: Mapping, granularity: int, quant: str | None) -> Result:
     """One step of `trace` (one micro-batch's) spread over `system` by `par`: each stage's
     device share simulated on the chip (with its collectives on the links), then the
     micro-batches through the pipeline. Power and energy count every device used: each
-    stage's `tp` devices for each micro-batch, and the chip's idle power while they wait."""
+    stage's devices for each micro-batch (under expert parallelism each as busy as the
+    busiest), and the chip's idle power while they wait."""
     from simulator.api import check_fits, run_trace
 
-    m, tp = par.micro_batches, par.tp
-    stages = split_pipeline(split_tensor(trace, tp), par.pp)
+    m, tp, group = par.micro_batches, par.tp, par.group
+    stages, matrices = split_system(trace, par)
     for number, stage in enumerate(stages):  # a device holds every micro-batch's KV cache
         try:
             check_fits(chip, replace(stage, state_bytes=stage.state_bytes * m))
         except Infeasible as exc:
             raise Infeasible(exc.where, f"{exc.message}, one device of stage {number} on "
-                                       f"{system.name} (tp {tp}, pp {par.pp}); expected a "
-                                       "larger --tp or --pp") from None
-    links = links_of(system, par.tp)
+                                       f"{system.name} (tp {tp}, ep {par.ep}, pp {par.pp}); "
+                                       "expected a larger --tp, --ep or --pp") from None
+    links = links_of(system, matrices)
     runs = [run_trace(chip, stage, mapping, granularity, quant=quant, links=links)
             for stage in stages]
     results = [result for result, _, _ in runs]
     stage_ns = [timeline.makespan_ns for _, _, timeline in runs]
     pipeline = run_pipeline(system, par, stage_ns, stage_input_bytes(stages[0]))
     latency = pipeline.makespan_ns * 1e-9
-    busy_s = sum(tp * m * result.latency_s for result in results)
-    energy_j = (sum(tp * m * result.energy_j for result in results)
-                + chip.power.idle * (par.devices * latency - busy_s))
+    busy_s = sum(group * m * result.latency_s for result in results)
+    energy_j = (sum(group * m * result.energy_j for result in results)
+                + chip.power.idle * (par.replica * latency - busy_s))
     collectives = []
     for s, (_, tasks, _) in enumerate(runs):
         grouped: dict[tuple[str, int], list[float]] = {}
@@ -291,7 +396,8 @@ def simulate_system(system: System, chip: Hardware, trace: Trace, par: Paralleli
     per_device = [stage.weights_bytes + stage.state_bytes * m + stage.activation_bytes
                   for stage in stages]
     share = SystemShare(
-        system=system.name, devices=par.devices, tp=tp, pp=par.pp, micro_batches=m,
+        system=system.name, devices=par.devices, dp=par.dp, tp=tp, pp=par.pp, ep=par.ep,
+        ep_mode=par.ep_mode if par.ep > 1 else None, micro_batches=m,
         device_memory_bytes=max(per_device),
         device_weights_bytes=max(stage.weights_bytes for stage in stages),
         device_state_bytes=max(stage.state_bytes for stage in stages) * m,
@@ -299,17 +405,24 @@ def simulate_system(system: System, chip: Hardware, trace: Trace, par: Paralleli
         bubble_fraction=pipeline.bubble_fraction, communication_s=links_s,
         communication_share=links_s / path_s if path_s else 0.0,
         collectives=tuple(collectives))
+    d = par.dp  # identical replicas, each on its share of the batch
     return replace(
         first, hardware=system.name, model=trace.model if par.devices == 1 else
-        f"{trace.model} [tp {tp}, pp {par.pp}]", batch=first.batch * m, tokens=tokens,
-        latency_s=latency, tokens_per_s=tokens / latency if latency else 0.0,
-        power_w=energy_j / latency if latency else 0.0, energy_j=energy_j,
+        f"{trace.model} [{_degrees(par)}]", batch=first.batch * m * d, tokens=tokens * d,
+        latency_s=latency, tokens_per_s=tokens * d / latency if latency else 0.0,
+        power_w=energy_j * d / latency if latency else 0.0, energy_j=energy_j * d,
         energy_per_token_j=energy_j / tokens,
-        memory_bytes=sum(size * tp for size in per_device),
-        weights_bytes=sum(stage.weights_bytes * tp for stage in stages),
-        state_bytes=sum(stage.state_bytes * tp for stage in stages) * m,
+        memory_bytes=sum(size * group for size in per_device) * d,
+        weights_bytes=sum(stage.weights_bytes * group for stage in stages) * d,
+        state_bytes=sum(stage.state_bytes * group for stage in stages) * m * d,
         activation_bytes=max(stage.activation_bytes for stage in stages),
-        dram_bytes=sum(tp * m * result.dram_bytes for result in results),
+        dram_bytes=sum(group * m * result.dram_bytes for result in results) * d,
         events=sum(result.events for result in results),
         layers=tuple(layer for result in results for layer in result.layers),
         ops=tuple(op for result in results for op in result.ops), system=share)
+
+def _degrees(par: Parallelism) -> str:
+    """`tp 4, pp 2` (and `dp`, `ep` where above 1)."""
+    return ", ".join(f"{name} {value}" for name, value in (("dp", par.dp), ("tp", par.tp),
+                                                            ("ep", par.ep), ("pp", par.pp))
+                     if value > 1 or name in ("tp", "pp"))

@@ -66,8 +66,13 @@ class SystemShare:
 
     system: str
     devices: int
+    #: data-parallel replicas (each on its share of the batch)
+    dp: int
     tp: int
     pp: int
+    ep: int
+    #: expert parallelism's runtime (combine or coherent); None without it
+    ep_mode: str | None
     micro_batches: int
     device_memory_bytes: int
     device_weights_bytes: int

@@ -118,8 +118,10 @@ def _system_rows(share: SystemShare) -> list[tuple[str, str]]:
     """How a system run was spread: degrees, one device's memory, links and bubbles."""
     stages = ", ".join(_si(t, "s") for t in share.stage_latency_s)
     return [
-        ("devices", f"{share.devices} of {share.system}: tp {share.tp} × pp {share.pp}, "
-                    f"{share.micro_batches} micro-batch(es)"),
+        ("devices", f"{share.devices} of {share.system}: "
+                    + (f"dp {share.dp} × " if share.dp > 1 else "") + f"tp {share.tp} × "
+                    + (f"ep {share.ep} ({share.ep_mode}) × " if share.ep > 1 else "")
+                    + f"pp {share.pp}, {share.micro_batches} micro-batch(es)"),
         ("per device", f"{_bytes(share.device_memory_bytes)} (weights "
                        f"{_bytes(share.device_weights_bytes)}, state "
                        f"{_bytes(share.device_state_bytes)})"),

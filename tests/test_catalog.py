@@ -297,5 +297,7 @@ def test_the_wheel_ships_the_catalog() -> None:
     globs = setup["setuptools"]["package-data"]["workloads"]
     shipped = {p.relative_to(CATALOG_DIR.parent) for g in globs
                for p in CATALOG_DIR.parent.glob(g)}
+    placements = CATALOG_DIR.parent / "placements"
     assert shipped == {p.relative_to(CATALOG_DIR.parent) for p in CATALOG_DIR.iterdir()} | {
-        Path("hf_fields.json")}
+        Path("hf_fields.json")} | {p.relative_to(CATALOG_DIR.parent)
+                                    for p in placements.glob("*.yaml")}

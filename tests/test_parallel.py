@@ -122,3 +122,17 @@ def test_a_model_too_big_for_one_device_names_the_device(capsys: pytest.CaptureF
                  "num_hidden_layers=80"]) == 2
     err = capsys.readouterr().err.strip()
     assert "one device" in err and "--tp" in err and len(err.splitlines()) == 1
+
+
+def test_data_parallel_replicas_multiply_throughput_at_a_replicas_latency(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    one = simulate("dgx_a100.yaml", "llama2-7b", model_set=FOUR, batch=2)
+    four = simulate("dgx_a100.yaml", "llama2-7b", model_set=FOUR, batch=8, dp=4)
+    assert four.latency_s == one.latency_s and four.system is not None
+    assert four.tokens_per_s == pytest.approx(4 * one.tokens_per_s, rel=1e-12)
+    assert four.energy_per_token_j == pytest.approx(one.energy_per_token_j, rel=1e-12)
+    assert four.memory_bytes == 4 * one.memory_bytes and four.system.devices == 4
+    assert main(["--hw", "dgx_a100.yaml", "--model", "llama2-7b", "--model-set",
+                 "num_hidden_layers=4", "--batch", "6", "--dp", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--dp" in err

@@ -13,7 +13,7 @@ other down by contention, not by a formula.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 
 import simpy
@@ -160,14 +160,24 @@ class Network:
             yield from self.transfer(ranks[position], ranks[to], chunk, arrived[step][to][c])
 
     def _direct(self, share: float, ranks: list[int]) -> Process:
-        """All-to-all: every device sends `share` bytes to every other, in a staggered order
-        (device r first to r+1, then r+2, …) so that no receiver is everyone's first."""
+        """All-to-all: every device sends `share` bytes to every other."""
+        n = len(ranks)
+        yield from self.alltoallv([[0.0 if s == d else share for d in range(n)]
+                                   for s in range(n)], ranks)
+
+    def alltoallv(self, matrix: Sequence[Sequence[float]], ranks: list[int]) -> Process:
+        """All-to-all of uneven messages: ranks[s] sends matrix[s][d] bytes to ranks[d]
+        (nothing where 0), all at once in a staggered order (device s first to s+1, then
+        s+2, …) so that no receiver is everyone's first."""
         n = len(ranks)
         landed = []
         for offset in range(1, n):
             for position in range(n):
+                nbytes = matrix[position][(position + offset) % n]
+                if nbytes <= 0:
+                    continue
                 event = self.env.event()
                 landed.append(event)
                 self.env.process(self.transfer(ranks[position], ranks[(position + offset) % n],
-                                               share, event))
+                                               nbytes, event))
         yield simpy.AllOf(self.env, landed)

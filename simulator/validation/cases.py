@@ -42,14 +42,15 @@ from workloads.config import resolve_model
 Metric = Literal["block_latency_s", "blocks_latency_s", "blocks_tokens_per_s", "latency_s",
                  "tokens_per_s", "power_w", "energy_per_token_j", "memory_bytes",
                  "input_vector_transfer_s", "tflops", "latency_ratio", "memory_ratio",
-                 "bandwidth_bytes_per_s", "block_latency_ratio"]
+                 "bandwidth_bytes_per_s", "block_latency_ratio", "alltoall_time_ratio"]
 Role = Literal["fitted", "held-out", "consistency", "projection", "open", "report"]
 ROLES: tuple[Role, ...] = ("fitted", "held-out", "consistency", "projection", "open", "report")
 #: The standard gate of each gated role (a wider one needs a `gate_reason`).
 GATES: dict[str, float] = {"fitted": 0.10, "held-out": 0.15, "consistency": 0.15}
 #: Metrics computed from others by a formula: a case comparing one names it and its source.
 DERIVED = {"tflops", "tokens_per_s", "blocks_tokens_per_s", "energy_per_token_j",
-           "latency_ratio", "memory_ratio", "bandwidth_bytes_per_s", "block_latency_ratio"}
+           "latency_ratio", "memory_ratio", "bandwidth_bytes_per_s", "block_latency_ratio",
+           "alltoall_time_ratio"}
 #: What a kernel case may measure.
 KERNEL_METRICS = ("tflops", "latency_s", "bandwidth_bytes_per_s")
 
@@ -87,6 +88,9 @@ class Versus(BaseModel):
     model: str
     model_set: dict[str, Any] = Field(default_factory=dict)
     quant: str | None = None
+    #: expert parallelism of the other run (None: the case's own)
+    placement: str | None = None
+    ep_mode: Literal["combine", "coherent"] | None = None
 
 
 class Case(BaseModel):
@@ -109,6 +113,10 @@ class Case(BaseModel):
     runtime: Literal["eager", "cuda_graphs"] | None = None
     #: a quantization scheme (--quant) the measured model ran with
     quant: str | None = None
+    #: expert parallelism (--ep, --placement, --ep-mode) on a system
+    ep: int = 1
+    placement: str | None = None
+    ep_mode: Literal["combine", "coherent"] = "combine"
     metric: Metric
     reference: float
     source: str
@@ -281,16 +289,27 @@ def _host_transfer_s(case: Case) -> float:
     return timeline.usage.busy_ns.get("host", 0.0) * 1e-9
 
 
-def _run(case: Case, model: str, model_set: dict[str, Any], quant: str | None) -> Result:
+def _run(case: Case, model: str, model_set: dict[str, Any], quant: str | None,
+         placement: str | None = None, ep_mode: str | None = None) -> Result:
+    placement = case.placement if placement is None else placement
+    ep_mode = case.ep_mode if ep_mode is None else ep_mode
     key = json.dumps([case.hardware, case.hw_set, model, model_set, case.phase, case.batch,
-                      case.context, case.prompt, case.mapping, case.runtime, quant],
-                     sort_keys=True, default=str)
+                      case.context, case.prompt, case.mapping, case.runtime, quant, case.ep,
+                      placement, ep_mode], sort_keys=True, default=str)
     if key not in _RUNS:
         _RUNS[key] = simulate(case.hardware, model, phase=case.phase, batch=case.batch,
                               context=case.context, prompt=case.prompt, mapping=case.mapping,
                               hw_set=case.hw_set, model_set=_strings(model_set),
-                              runtime=case.runtime, quant=quant)
+                              runtime=case.runtime, quant=quant, ep=case.ep,
+                              placement=placement, ep_mode=ep_mode)
     return _RUNS[key]
+
+
+def _alltoall_s(result: Result) -> float:
+    """Seconds of all-to-all on one device's path through the step."""
+    if result.system is None:
+        return 0.0
+    return sum(c.time_s for c in result.system.collectives if c.collective == "alltoall")
 
 
 #: Results of identical runs within one process (ratio cases share their runs).
@@ -304,10 +323,16 @@ def measure(case: Case) -> float:
     if case.metric == "input_vector_transfer_s":
         return _host_transfer_s(case)
     result = _run(case, case.model, case.model_set, case.quant)
-    if case.metric in ("latency_ratio", "memory_ratio", "block_latency_ratio"):
+    if case.metric in ("latency_ratio", "memory_ratio", "block_latency_ratio",
+                       "alltoall_time_ratio"):
         if case.versus is None:
             raise UserError(case.id, f"{case.metric} needs 'versus'")
-        other = _run(case, case.versus.model, case.versus.model_set, case.versus.quant)
+        versus = case.versus
+        other = _run(case, versus.model, versus.model_set, versus.quant, versus.placement,
+                     versus.ep_mode)
+        if case.metric == "alltoall_time_ratio":
+            mine = _alltoall_s(result)
+            return _alltoall_s(other) / mine if mine else float("inf")
         if case.metric == "latency_ratio":
             return other.latency_s / result.latency_s
         if case.metric == "block_latency_ratio":
