@@ -112,7 +112,8 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
              runtime: Runtime | None = None, moe_routing: str | None = None,
              quant: str | None = None, tp: int = 1, pp: int = 1,
              micro_batches: int = 1, ep: int = 1, placement: str | Path | None = None,
-             ep_mode: str = "combine", dp: int = 1) -> Result:
+             ep_mode: str = "combine", dp: int = 1, pp_interleave: int = 1,
+             sp: int = 1, tp_overlap: int = 1) -> Result:
     """Simulate one step of `model` on `hw`.
 
     decode (a causal LM's default): one new token for each of `batch` sequences after
@@ -126,9 +127,11 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
     the hardware file models (`overheads.runtime`); None keeps it. `quant` applies a
     quantization scheme to the blocks' linears (simulator.workload.quant). On a system
     (`hw` a system file), `tp`, `pp` and `micro_batches` spread the step over its devices
-    (simulator.parallel), `dp` replicates that over equal shares of the batch, and `ep`
-    an MoE model's experts, placed by the `placement` file
-    (default contiguous) under the `ep_mode` runtime (combine or coherent;
+    (simulator.parallel; `pp_interleave` virtual stages per stage, `tp_overlap` query tiles
+    whose all-reduces overlap compute), `dp` replicates that
+    over equal shares of the batch, `sp` splits each sequence (Ulysses; simulator.sequence),
+    and `ep` spreads an MoE model's experts, placed by the
+    `placement` file (default contiguous) under the `ep_mode` runtime (combine or coherent;
     simulator.experts).
     """
     from simulator.hardware.system import load_machine
@@ -137,7 +140,7 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
     system, machine = (None, hw) if isinstance(hw, Hardware) else load_machine(hw, hw_set)
     machine = with_runtime(machine, runtime)
     par = Parallelism(tp, pp, micro_batches, ep, None if placement is None else str(placement),
-                      ep_mode, dp)  # type: ignore[arg-type]
+                      ep_mode, dp, pp_interleave, sp, tp_overlap)  # type: ignore[arg-type]
     check_degrees(par)
     if isinstance(model, str):
         cfg = resolve_model(model, model_set, moe_routing)
@@ -161,19 +164,17 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
 
         trace = quantize(trace, quant)
     check(par, system, trace)
-    if system is not None:
-        if trace_file is not None or plot_dir is not None:
-            raise UserError("--trace" if trace_file is not None else "--plot",
-                            f"is not drawn for a system yet ({system.name}); expected a chip "
-                            "file as --hw")
-        return simulate_system(system, machine, trace, par, mapping, granularity, quant)
-    result, _, timeline = run_trace(machine, trace, mapping, granularity,
-                                    record=trace_file is not None, quant=quant)
-    if trace_file is not None:
-        from simulator.files import write_atomic
-        from simulator.timeline import to_json
+    if system is not None:  # plots: one micro-batch's path, one device per stage
+        result = simulate_system(system, machine, trace, par, mapping, granularity, quant,
+                                 trace_file)
+    else:
+        result, _, timeline = run_trace(machine, trace, mapping, granularity,
+                                        record=trace_file is not None, quant=quant)
+        if trace_file is not None:
+            from simulator.files import write_atomic
+            from simulator.timeline import to_json
 
-        write_atomic(trace_file, to_json(machine, trace, timeline), "--trace")
+            write_atomic(trace_file, to_json(machine, trace, timeline), "--trace")
     if plot_dir is not None:
         from simulator.plots import save_result_plots
 

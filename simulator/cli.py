@@ -132,13 +132,22 @@ def _run_parser() -> argparse.ArgumentParser:
                              "launch per step (default: the file's overheads.runtime)")
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel devices (Megatron splits; --hw a system)")
+    parser.add_argument("--tp-overlap", type=int, default=1, metavar="TILES",
+                        help="prefill: cut attention and its output projection into query "
+                             "tiles whose all-reduces overlap the next tile (FastAttention)")
     parser.add_argument("--pp", type=int, default=1,
                         help="pipeline stages of equal depth (--hw a system)")
     parser.add_argument("--micro-batches", type=int, default=1,
                         help="micro-batches the batch flows through the pipeline in")
+    parser.add_argument("--pp-interleave", type=int, default=1, metavar="V",
+                        help="virtual stages per pipeline stage (Megatron-LM's interleaved "
+                             "schedule; --micro-batches a multiple of --pp)")
     parser.add_argument("--dp", type=int, default=1,
                         help="data-parallel replicas, each on an equal share of --batch "
                              "(--hw a system)")
+    parser.add_argument("--sp", type=int, default=1,
+                        help="sequence-parallel devices: each sequence's tokens split, "
+                             "all-to-alls around attention (DeepSpeed-Ulysses; prefill)")
     parser.add_argument("--ep", type=int, default=1,
                         help="expert-parallel devices: an MoE model's experts spread over "
                              "them, the rest data-parallel (--hw a system)")
@@ -181,7 +190,8 @@ def _run(argv: Sequence[str]) -> int:
         trace_file=args.trace, plot_dir=args.plot, runtime=args.runtime,
         moe_routing=args.moe_routing, quant=args.quant, tp=args.tp, pp=args.pp,
         micro_batches=args.micro_batches, ep=args.ep, placement=args.placement,
-        ep_mode=args.ep_mode, dp=args.dp)
+        ep_mode=args.ep_mode, dp=args.dp, pp_interleave=args.pp_interleave, sp=args.sp,
+        tp_overlap=args.tp_overlap)
     if args.format == "json":
         print(result.to_json())
     elif args.format == "csv":

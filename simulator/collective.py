@@ -19,7 +19,10 @@ from simulator.errors import UserError
 from simulator.hardware.system import System
 
 KINDS = ("allreduce", "allgather", "reducescatter", "alltoall", "sendrecv", "broadcast")
-ALGORITHMS = ("ring",)
+#: ring: NCCL's rings (every kind; an all-to-all is direct); tree: its two pipelined trees
+#: (all-reduce); nvls: the switch reduces and multicasts (all-reduce within a node whose
+#: level declares multicast); hierarchical: an all-to-all in a node-then-across-nodes pair.
+ALGORITHMS = ("ring", "tree", "nvls", "hierarchical")
 
 
 def bus_factor(kind: str, devices: int) -> float:
@@ -65,17 +68,26 @@ def run_collective(system: System, kind: str, nbytes: float, devices: int | None
     if kind not in KINDS:
         raise UserError("simulate op", f"expected one of {', '.join(KINDS)}, not {kind!r}")
     if algorithm not in ALGORITHMS:
-        raise UserError("--algorithm", f"expected one of {', '.join(ALGORITHMS)} (tree and "
-                                       f"NVLS are not modelled yet), not {algorithm!r}")
+        raise UserError("--algorithm", f"expected one of {', '.join(ALGORITHMS)}, not "
+                                       f"{algorithm!r}")
     count = system.count if devices is None else devices
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= system.count:
         raise UserError("--devices", f"expected 1 … {system.count} ({system.name} has "
                                      f"{system.count} devices), not {devices!r}")
+    runs = {"tree": "allreduce", "nvls": "allreduce", "hierarchical": "alltoall"}
+    if algorithm in runs and kind != runs[algorithm]:
+        raise UserError("--algorithm", f"{algorithm} runs {runs[algorithm]}s; expected ring "
+                                       f"for {kind}")
+    if algorithm == "nvls" and not (system.links[0].multicast and system.links[0].span == "node"
+                                    and count <= system.devices.per_node):
+        raise UserError("--algorithm", f"nvls reduces in a node's switch; {system.name} "
+                        "declares none (links.0.multicast) for these devices; expected ring "
+                        "or tree")
     if not nbytes > 0:
         raise UserError("--bytes", f"expected a size above zero, e.g. 1GiB, not {nbytes!r}")
     env = simpy.Environment()
     network = Network(env, system, system.count)
-    env.process(network.collective(kind, nbytes, list(range(count))))
+    env.process(network.collective(kind, nbytes, list(range(count)), algorithm))
     env.run()
     return CollectiveResult(system.name, kind, algorithm, count, nbytes, env.now * 1e-9)
 

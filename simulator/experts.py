@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 from simulator.errors import UserError
+from simulator.shares import token_share
 from simulator.workload.trace import Op, Trace
 from simulator.yamlfile import load_yaml
 
@@ -197,18 +198,12 @@ def _scaled_off_diagonal(matrix: list[list[float]], rows: float) -> list[list[fl
 def _scale(op: Op, share: float, sequences: int) -> Op:
     """A data-parallel device's part of a non-expert op: `share` of its work and bytes
     (attention: `sequences` of the batch); weights whole."""
-    def part(value: int) -> int:
-        return math.ceil(value * share)
-
-    dims = dict(op.dims)
-    for key in ("numel", "parallel", "rows", "m", "pairs"):
-        if key in dims and not (op.kind == "attention" and key == "parallel"):
-            dims[key] = max(1, part(dims[key]))
+    part = token_share(op, share)
     if op.kind == "attention":
-        dims["batch"] = sequences
-    return replace(op, ops=part(op.ops), input_bytes=part(op.input_bytes),
-                   output_bytes=part(op.output_bytes), state_read_bytes=part(op.state_read_bytes),
-                   state_write_bytes=part(op.state_write_bytes), dims=dims)
+        heads = op.dims["parallel"] // op.dims["batch"]  # parallel = batch × heads
+        return replace(part, dims={**op.dims, "batch": sequences,
+                                   "parallel": sequences * heads})
+    return part
 
 
 def _collective(kind: str, at: Op, block: int, devices: int, nbytes: float, name: str) -> Op:

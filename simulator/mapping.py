@@ -100,6 +100,12 @@ class Task:
         return tuple(part for stage in self.stages for part in stage)
 
     @property
+    def overlaps(self) -> bool:
+        """A collective the device's stream does not wait for (only what consumes it does):
+        FastAttention's tiling-AllReduce (simulator.parallel.tile_attention)."""
+        return not self.stages and bool(self.op.dims.get("overlap"))
+
+    @property
     def cores(self) -> int:
         """Cores busy in the widest stage (0: a collective, on the links)."""
         return max((sum(part.size for part in stage) for stage in self.stages), default=0)

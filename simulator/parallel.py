@@ -23,11 +23,13 @@ network simulation (simulator.engine.network) of the TP group on idle links.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from collections.abc import Mapping as Table
 from dataclasses import dataclass, replace
 from functools import cache
+from pathlib import Path
 
 import simpy
 
@@ -48,6 +50,8 @@ from simulator.hardware.schema import Hardware
 from simulator.hardware.system import System
 from simulator.mapping import Mapping
 from simulator.report import CollectiveShare, Result, SystemShare
+from simulator.sequence import check_sequence, split_sequence
+from simulator.shares import token_share
 from simulator.workload.quant import in_block, linear_input
 from simulator.workload.trace import Op, Trace
 
@@ -64,11 +68,17 @@ class Parallelism:
     placement: str | None = None
     ep_mode: Mode = "combine"
     dp: int = 1
+    #: virtual stages per pipeline stage (Megatron-LM's interleaved schedule)
+    interleave: int = 1
+    #: sequence-parallel devices (DeepSpeed-Ulysses; simulator.sequence)
+    sp: int = 1
+    #: query tiles whose tensor-parallel all-reduces overlap compute (FastAttention)
+    overlap: int = 1
 
     @property
     def group(self) -> int:
         """Devices of one pipeline stage."""
-        return self.tp * self.ep
+        return self.tp * self.ep * self.sp
 
     @property
     def replica(self) -> int:
@@ -84,11 +94,17 @@ def check_degrees(par: Parallelism) -> None:
     """Refuse a degree that is not a whole number ≥ 1, naming its flag."""
     for flag, value in (("--tp", par.tp), ("--pp", par.pp),
                         ("--micro-batches", par.micro_batches), ("--ep", par.ep),
-                        ("--dp", par.dp)):
+                        ("--dp", par.dp), ("--pp-interleave", par.interleave),
+                        ("--sp", par.sp), ("--tp-overlap", par.overlap)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(flag, f"expected a whole number ≥ 1, not {value!r}")
     if par.ep_mode not in MODES:
         raise UserError("--ep-mode", f"expected one of {', '.join(MODES)}, not {par.ep_mode!r}")
+    if par.interleave > 1 and (par.pp == 1 or par.micro_batches % par.pp):
+        raise UserError("--pp-interleave", f"interleaves the stages of a pipeline whose "
+                        f"micro-batches come in groups of --pp (Megatron-LM's rule); expected "
+                        f"--pp > 1 and --micro-batches a multiple of it, not --pp {par.pp} "
+                        f"--micro-batches {par.micro_batches}")
     if par.ep == 1 and (par.placement is not None or par.ep_mode != "combine"):
         raise UserError("--placement" if par.placement is not None else "--ep-mode",
                         "places experts over devices; expected --ep N (N > 1) with it")
@@ -97,18 +113,31 @@ def check_degrees(par: Parallelism) -> None:
 def check(par: Parallelism, system: System | None, trace: Trace) -> None:
     """Refuse degrees the system or the model (`trace`, one micro-batch's step) cannot
     take, naming the flag."""
+    if par.overlap > 1:
+        first = next((op for op in trace.ops if op.kind == "attention"), None)
+        q_len = first.dims["q_len"] if first is not None else 0
+        if par.tp == 1 or trace.phase == "decode" or not q_len or q_len % par.overlap:
+            raise UserError("--tp-overlap", f"tiles the queries of a prefill whose tensor-"
+                            f"parallel all-reduces it overlaps; expected --tp > 1, --phase "
+                            f"prefill and a divisor of its {q_len} tokens, not {par.overlap}")
     if system is None:
         if par.devices > 1 or par.micro_batches > 1:
             raise UserError("--tp" if par.tp > 1 else "--pp" if par.pp > 1 else "--ep"
-                            if par.ep > 1 else "--dp" if par.dp > 1 else "--micro-batches",
+                            if par.ep > 1 else "--dp" if par.dp > 1 else "--sp" if par.sp > 1
+                            else "--micro-batches",
                             "needs a system of several "
                             "devices as --hw (e.g. dgx_a100.yaml); this --hw is one chip")
         return
     if par.devices > system.count:
         flag = max(("--tp", par.tp), ("--ep", par.ep), ("--pp", par.pp), ("--dp", par.dp),
-                   key=lambda f: f[1])[0]
-        raise UserError(flag, f"--dp {par.dp} × --tp {par.tp} × --ep {par.ep} × --pp {par.pp} = "
+                   ("--sp", par.sp), key=lambda f: f[1])[0]
+        raise UserError(flag, f"--dp {par.dp} × --tp {par.tp} × --sp {par.sp} × --ep {par.ep} "
+                              f"× --pp {par.pp} = "
                                 f"{par.devices} devices, but {system.name} has {system.count}")
+    if par.sp > 1 and (par.tp > 1 or par.ep > 1):
+        raise UserError("--sp", "sequence parallelism with --tp or --ep is not modelled; "
+                                "expected --tp 1 --ep 1 with it")
+    check_sequence(trace, par.sp)
     if par.ep > 1:
         if not trace.expert_tokens:
             raise UserError("--ep", "places an MoE model's experts; this model has none, "
@@ -134,6 +163,10 @@ def check(par: Parallelism, system: System | None, trace: Trace) -> None:
     if blocks % par.pp:
         raise UserError("--pp", f"expected a divisor of the model's {blocks} blocks, not "
                                 f"{par.pp}")
+    if blocks % (par.pp * par.interleave):
+        raise UserError("--pp-interleave", f"--pp {par.pp} × --pp-interleave {par.interleave}"
+                                           f" virtual stages do not divide the model's "
+                                           f"{blocks} blocks")
 
 
 def _blocks(trace: Trace) -> list[str]:
@@ -213,6 +246,62 @@ def split_tensor(trace: Trace, tp: int) -> Trace:
                    state_bytes=_divide(trace.state_bytes, tp))
 
 
+def _pairs(ctx: int, first: int, last: int) -> int:
+    """Causal (query, key) pairs of query rows first … last − 1 after `ctx` cached keys."""
+    return (last - first) * ctx + (last * (last + 1) - first * (first + 1)) // 2
+
+
+def tile_attention(trace: Trace, tiles: int) -> Trace:
+    """FastAttention's tiling-AllReduce (arXiv 2410.16663) on a tensor-parallel device's
+    trace: in every block the attention, the ops up to the row-split output projection and
+    that projection are cut into `tiles` query tiles, and each tile's all-reduce runs on the
+    links while the next tile computes (the stream waits only where the block's residual add
+    needs the last). Each tile reads the projection's weights again. Prefill and encoder
+    passes (a tile is q_len / tiles query rows of every sequence)."""
+    if tiles == 1:
+        return trace
+    ops: list[Op] = []
+    moved: dict[int, int] = {}
+    source = list(trace.ops)
+    i = 0
+    while i < len(source):
+        op = source[i]
+        deps = tuple(moved[d] for d in op.deps)
+        end = next((j for j in range(i + 1, len(source)) if source[j].kind == "collective"
+                    and source[j].layer == op.layer), None) if op.kind == "attention" else None
+        if end is None:
+            ops.append(replace(op, index=len(ops), deps=deps))
+            moved[op.index] = len(ops) - 1
+            i += 1
+            continue
+        d = op.dims
+        q, ctx = d["q_len"], d["kv_len"] - d["q_len"]
+        last = deps
+        for t in range(tiles):
+            first_row, last_row = t * q // tiles, (t + 1) * q // tiles
+            pairs = (_pairs(ctx, first_row, last_row) if d["causal"]
+                     else (last_row - first_row) * d["kv_len"])
+            whole = _pairs(ctx, 0, q) if d["causal"] else q * d["kv_len"]
+            keys = ctx + last_row if d["causal"] else d["kv_len"]  # the keys the tile sees
+            tile = replace(token_share(op, pairs / whole), dims={
+                **d, "q_len": last_row - first_row, "kv_len": keys, "pairs": max(1, pairs)})
+            ops.append(replace(tile, index=len(ops), deps=last))
+            previous = len(ops) - 1
+            for inner in source[i + 1:end]:
+                ops.append(replace(token_share(inner, 1 / tiles), index=len(ops),
+                                   deps=(previous,)))
+                previous = len(ops) - 1
+            reduce = source[end]
+            part = math.ceil(reduce.input_bytes / tiles)
+            ops.append(replace(reduce, index=len(ops), deps=(previous,), input_bytes=part,
+                               output_bytes=part, dims={**reduce.dims, "overlap": 1}))
+            last = deps  # the next tile starts on the stream at once
+        for j in range(i, end + 1):
+            moved[source[j].index] = len(ops) - 1
+        i = end + 1
+    return replace(trace, model=f"{trace.model} [tiled {tiles}]", ops=tuple(ops))
+
+
 def resident_weights(trace: Trace, experts_held: Table[str, int] | None = None
                      ) -> dict[str, int]:
     """Weight bytes a device holds per layer of `trace`: what its ops read, the experts no
@@ -289,44 +378,56 @@ def links_of(system: System, matrices: Table[str, Matrix] | None = None
 
 @dataclass(frozen=True)
 class Pipeline:
-    """A step through the pipeline: its makespan, the stages' idle share, and the time
-    one stage boundary's activations take to cross."""
+    """A step through the pipeline: its makespan, the stages' idle share, the time one
+    stage boundary's activations take to cross, and when each (micro-batch, virtual stage)
+    ran and each hand-over crossed: (micro-batch, virtual stage, start ns, end ns)."""
 
     makespan_ns: float
     bubble_fraction: float
     send_ns: float
+    runs: tuple[tuple[int, int, float, float], ...] = ()
+    sends: tuple[tuple[int, int, float, float], ...] = ()
 
 
 def run_pipeline(system: System, par: Parallelism, stage_ns: list[float],
                  send_bytes: float) -> Pipeline:
-    """Micro-batches through the stages in order, each handing `send_bytes` of activations
-    from every tensor rank of a stage to the same rank of the next, over the links."""
+    """Micro-batches through the virtual stages in order (`stage_ns`: one per virtual stage,
+    `par.pp × par.interleave` of them, virtual stage c on stage c mod pp), each handing
+    `send_bytes` of activations from every rank of a stage to the same rank of the next
+    over the links. A stage serves waiting work in Megatron-LM's interleaved order: micro-
+    batches in groups of pp, a group's earlier virtual stages first."""
     env = simpy.Environment()
     network = Network(env, system, system.count)
-    stages = [simpy.Resource(env) for _ in stage_ns]
-    sends: list[float] = []
+    pp, group = par.pp, par.group
+    stages = [simpy.PriorityResource(env) for _ in range(pp)]
+    runs: list[tuple[int, int, float, float]] = []
+    sends: list[tuple[int, int, float, float]] = []
 
-    def micro_batch() -> simpy.events.ProcessGenerator:
-        for s, busy in enumerate(stage_ns):
-            with stages[s].request() as turn:
+    def micro_batch(mb: int) -> simpy.events.ProcessGenerator:
+        for c, busy in enumerate(stage_ns):
+            s = c % pp
+            with stages[s].request(priority=(mb // pp, c, mb)) as turn:
                 yield turn
+                started = env.now
                 yield env.timeout(busy)
-            if s + 1 < len(stage_ns):
-                started, landed = env.now, []
-                for rank in range(par.group):
+                runs.append((mb, c, started, env.now))
+            if c + 1 < len(stage_ns):
+                started, landed, to = env.now, [], (c + 1) % pp
+                for rank in range(group):
                     event = env.event()
                     landed.append(event)
-                    env.process(network.transfer(s * par.group + rank,
-                                                 (s + 1) * par.group + rank, send_bytes, event))
+                    env.process(network.transfer(s * group + rank, to * group + rank,
+                                                 send_bytes, event))
                 yield simpy.AllOf(env, landed)
-                sends.append(env.now - started)
+                sends.append((mb, c, started, env.now))
 
-    for _ in range(par.micro_batches):
-        env.process(micro_batch())
+    for mb in range(par.micro_batches):
+        env.process(micro_batch(mb))
     env.run()
     work = par.micro_batches * sum(stage_ns)
-    bubble = 1 - work / (len(stage_ns) * env.now) if env.now else 0.0
-    return Pipeline(env.now, bubble, min(sends, default=0.0))
+    bubble = 1 - work / (pp * env.now) if env.now else 0.0
+    return Pipeline(env.now, bubble, min((end - start for *_, start, end in sends), default=0.0),
+                    tuple(sorted(runs)), tuple(sorted(sends)))
 
 
 def stage_input_bytes(stage: Trace) -> float:
@@ -336,11 +437,12 @@ def stage_input_bytes(stage: Trace) -> float:
 
 
 def split_system(trace: Trace, par: Parallelism) -> tuple[list[Trace], dict[str, Matrix]]:
-    """One device's trace per pipeline stage (tensor split, then expert split, then cut into
-    stages), and the byte matrices of the expert all-to-alls."""
-    trace = split_tensor(trace, par.tp)
+    """One device's trace per virtual pipeline stage (tensor split, then expert split, then
+    cut into pp × interleave stages), and the byte matrices of the expert all-to-alls."""
+    trace = split_sequence(tile_attention(split_tensor(trace, par.tp), par.overlap), par.sp)
+    virtual = par.pp * par.interleave
     if par.ep == 1:
-        return split_pipeline(trace, par.pp), {}
+        return split_pipeline(trace, virtual), {}
     blocks, experts = len(trace.expert_tokens), len(trace.expert_tokens[0])
     placement = (contiguous(blocks, experts, par.ep) if par.placement in (None, "contiguous")
                  else load_placement(par.placement, par.ep, blocks, experts))
@@ -350,61 +452,83 @@ def split_system(trace: Trace, par: Parallelism) -> tuple[list[Trace], dict[str,
                                     for b, layer in enumerate(layers)})
     top_k = sum(trace.expert_tokens[0]) // trace.tokens
     split = split_experts(trace, placement, par.ep_mode, top_k)
-    return split_pipeline(split.trace, par.pp, held), split.matrices
+    return split_pipeline(split.trace, virtual, held), split.matrices
 
 
 def simulate_system(system: System, chip: Hardware, trace: Trace, par: Parallelism,
-                    mapping: Mapping, granularity: int, quant: str | None) -> Result:
+                    mapping: Mapping, granularity: int, quant: str | None,
+                    trace_file: str | Path | None = None) -> Result:
     """One step of `trace` (one micro-batch's) spread over `system` by `par`: each stage's
     device share simulated on the chip (with its collectives on the links), then the
     micro-batches through the pipeline. Power and energy count every device used: each
     stage's devices for each micro-batch (under expert parallelism each as busy as the
-    busiest), and the chip's idle power while they wait."""
+    busiest), and the chip's idle power while they wait. `trace_file` receives a Perfetto
+    timeline of one replica: a process per device and one for the stage hand-overs."""
     from simulator.api import check_fits, run_trace
 
-    m, tp, group = par.micro_batches, par.tp, par.group
-    stages, matrices = split_system(trace, par)
+    m, tp, group, pp = par.micro_batches, par.tp, par.group, par.pp
+    chunks, matrices = split_system(trace, par)
+    # what one device of each stage holds: its virtual stages' weights and states
+    stages = [replace(chunks[s], weights_bytes=sum(c.weights_bytes for c in chunks[s::pp]),
+                      state_bytes=sum(c.state_bytes for c in chunks[s::pp]),
+                      activation_bytes=max(c.activation_bytes for c in chunks[s::pp]))
+              for s in range(pp)]
     for number, stage in enumerate(stages):  # a device holds every micro-batch's KV cache
         try:
             check_fits(chip, replace(stage, state_bytes=stage.state_bytes * m))
         except Infeasible as exc:
             raise Infeasible(exc.where, f"{exc.message}, one device of stage {number} on "
-                                       f"{system.name} (tp {tp}, ep {par.ep}, pp {par.pp}); "
+                                       f"{system.name} (tp {tp}, ep {par.ep}, pp {pp}); "
                                        "expected a larger --tp, --ep or --pp") from None
     links = links_of(system, matrices)
-    runs = [run_trace(chip, stage, mapping, granularity, quant=quant, links=links)
-            for stage in stages]
+    runs = [run_trace(chip, chunk, mapping, granularity, quant=quant, links=links)
+            for chunk in chunks]
     results = [result for result, _, _ in runs]
-    stage_ns = [timeline.makespan_ns for _, _, timeline in runs]
-    pipeline = run_pipeline(system, par, stage_ns, stage_input_bytes(stages[0]))
+    chunk_ns = [timeline.makespan_ns for _, _, timeline in runs]
+    pipeline = run_pipeline(system, par, chunk_ns, stage_input_bytes(chunks[0]))
     latency = pipeline.makespan_ns * 1e-9
     busy_s = sum(group * m * result.latency_s for result in results)
     energy_j = (sum(group * m * result.energy_j for result in results)
                 + chip.power.idle * (par.replica * latency - busy_s))
     collectives = []
-    for s, (_, tasks, _) in enumerate(runs):
+    for s in range(pp):
         grouped: dict[tuple[str, int], list[float]] = {}
-        for task in tasks:
-            if task.op.kind == "collective":
-                grouped.setdefault((task.op.fn, task.op.input_bytes), []).append(task.link_ns)
+        for _, tasks, _ in runs[s::pp]:
+            for task in tasks:
+                if task.op.kind == "collective":
+                    grouped.setdefault((task.op.fn, task.op.input_bytes), []).append(
+                        task.link_ns)
         collectives += [CollectiveShare(s, kind, size, len(times), sum(times) * 1e-9)
                         for (kind, size), times in sorted(grouped.items())]
-    path_s = sum(result.latency_s for result in results) + (par.pp - 1) * pipeline.send_ns * 1e-9
-    links_s = (sum(c.time_s for c in collectives) + (par.pp - 1) * pipeline.send_ns * 1e-9)
+    handovers_s = (len(chunks) - 1) * pipeline.send_ns * 1e-9
+    path_s = sum(result.latency_s for result in results) + handovers_s
+    links_s = sum(c.time_s for c in collectives) + handovers_s
     first = results[0]
     tokens = first.tokens * m
     per_device = [stage.weights_bytes + stage.state_bytes * m + stage.activation_bytes
                   for stage in stages]
     share = SystemShare(
-        system=system.name, devices=par.devices, dp=par.dp, tp=tp, pp=par.pp, ep=par.ep,
+        system=system.name, devices=par.devices, dp=par.dp, tp=tp, sp=par.sp, pp=pp,
+        interleave=par.interleave, ep=par.ep,
         ep_mode=par.ep_mode if par.ep > 1 else None, micro_batches=m,
         device_memory_bytes=max(per_device),
         device_weights_bytes=max(stage.weights_bytes for stage in stages),
         device_state_bytes=max(stage.state_bytes for stage in stages) * m,
-        stage_latency_s=tuple(result.latency_s for result in results),
+        stage_latency_s=tuple(sum(r.latency_s for r in results[s::pp]) for s in range(pp)),
         bubble_fraction=pipeline.bubble_fraction, communication_s=links_s,
         communication_share=links_s / path_s if path_s else 0.0,
         collectives=tuple(collectives))
+    if trace_file is not None:
+        from simulator.files import write_atomic
+        from simulator.timeline import system_chrome_trace
+
+        note = "(the busiest device's work, drawn on every rank)" if par.ep > 1 else ""
+        drawn = system_chrome_trace(
+            f"{trace.model} on {system.name} [{_degrees(par)}], {trace.phase}", par.replica,
+            group, pp, chunks, [timeline for _, _, timeline in runs], pipeline.runs,
+            pipeline.sends, note)
+        write_atomic(trace_file, json.dumps(drawn, sort_keys=True, separators=(",", ":")),
+                     "--trace")
     d = par.dp  # identical replicas, each on its share of the batch
     return replace(
         first, hardware=system.name, model=trace.model if par.devices == 1 else
@@ -423,6 +547,6 @@ def simulate_system(system: System, chip: Hardware, trace: Trace, par: Paralleli
 
 def _degrees(par: Parallelism) -> str:
     """`tp 4, pp 2` (and `dp`, `ep` where above 1)."""
-    return ", ".join(f"{name} {value}" for name, value in (("dp", par.dp), ("tp", par.tp),
-                                                            ("ep", par.ep), ("pp", par.pp))
-                     if value > 1 or name in ("tp", "pp"))
+    return ", ".join(f"{name} {value}" for name, value in (
+        ("dp", par.dp), ("tp", par.tp), ("sp", par.sp), ("ep", par.ep), ("pp", par.pp),
+        ("interleave", par.interleave)) if value > 1 or name in ("tp", "pp"))

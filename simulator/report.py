@@ -69,7 +69,11 @@ class SystemShare:
     #: data-parallel replicas (each on its share of the batch)
     dp: int
     tp: int
+    #: sequence-parallel devices (Ulysses)
+    sp: int
     pp: int
+    #: virtual stages per pipeline stage (1: not interleaved)
+    interleave: int
     ep: int
     #: expert parallelism's runtime (combine or coherent); None without it
     ep_mode: str | None

@@ -120,8 +120,11 @@ def _system_rows(share: SystemShare) -> list[tuple[str, str]]:
     return [
         ("devices", f"{share.devices} of {share.system}: "
                     + (f"dp {share.dp} × " if share.dp > 1 else "") + f"tp {share.tp} × "
+                    + (f"sp {share.sp} × " if share.sp > 1 else "")
                     + (f"ep {share.ep} ({share.ep_mode}) × " if share.ep > 1 else "")
-                    + f"pp {share.pp}, {share.micro_batches} micro-batch(es)"),
+                    + f"pp {share.pp}"
+                    + (f" ({share.interleave} virtual stages each)" if share.interleave > 1
+                       else "") + f", {share.micro_batches} micro-batch(es)"),
         ("per device", f"{_bytes(share.device_memory_bytes)} (weights "
                        f"{_bytes(share.device_weights_bytes)}, state "
                        f"{_bytes(share.device_state_bytes)})"),

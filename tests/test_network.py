@@ -13,6 +13,7 @@ from simulator.calibration.links import CASES, fit_efficiency
 from simulator.cli import main
 from simulator.collective import KINDS, bus_factor, run_collective
 from simulator.engine.network import CHUNK_BYTES, Network
+from simulator.errors import UserError
 from simulator.hardware.loader import shipped, shipped_systems
 from simulator.hardware.system import load_system
 from simulator.validation.cases import measure
@@ -84,13 +85,15 @@ def test_busbw_follows_nccl_tests_definitions() -> None:
 
 def test_link_fits_reproduce_the_shipped_efficiencies_and_the_held_out_pair() -> None:
     cases = shipped_cases(CASES).values()
-    assert {case.role for case in cases} == {"fitted", "held-out"}
+    assert {case.role for case in cases} == {"fitted", "held-out", "open"}
     for case in cases:
         system, _ = load_system(case.hardware)
         if case.role == "fitted":
             assert fit_efficiency(case) == pytest.approx(system.links[0].efficiency, abs=1e-4)
-        else:
+        elif case.role == "held-out":
             assert abs(measure(case) / case.reference - 1) <= case.tolerance
+        else:  # the NVLS miss stays visible: over-predicted, never fitted
+            assert measure(case) > case.reference * 1.15
 
 
 def test_a_link_level_is_set_by_its_index() -> None:
@@ -117,7 +120,8 @@ def test_simulate_op_allreduce_prints_the_json_contract(capsys: pytest.CaptureFi
 @pytest.mark.parametrize(("args", "flag"), [
     (["--hw", "gpu_a100.yaml", "--bytes", "1GiB"], "gpu_a100.yaml"),
     (["--hw", "dgx_a100.yaml", "--bytes", "1GiB", "--devices", "9"], "--devices"),
-    (["--hw", "dgx_a100.yaml", "--bytes", "1GiB", "--algorithm", "tree"], "--algorithm"),
+    (["--hw", "dgx_a100.yaml", "--bytes", "1GiB", "--algorithm", "nvls"], "--algorithm"),
+    (["--hw", "dgx_a100.yaml", "--bytes", "1GiB", "--algorithm", "double"], "--algorithm"),
     (["--hw", "dgx_a100.yaml", "--bytes", "1 parsec"], "--bytes"),
     (["--hw", "dgx_a100.yaml", "--bytes", "0B"], "--bytes"),
     (["--hw", "dgx_a100.yaml", "--bytes", "1GiB", "--hw-set", "nodes=2"], "links"),
@@ -177,3 +181,57 @@ def test_a_long_ring_over_identical_nodes_is_timed_by_two_of_them() -> None:
     ib = two.links[1]
     # 8 rings, each leaving a node through its own 25 GB/s port
     assert cross == pytest.approx(ib.bandwidth * ib.efficiency * 8, rel=0.02)
+
+
+def test_nccl_trees_span_every_rank_once_and_beat_rings_on_small_messages_across_nodes(
+) -> None:
+    system, _ = load_system("dgx_a100_cluster.yaml", {"nodes": 8})
+    network = Network(simpy.Environment(), system, system.count)
+    ranks = list(range(system.count))
+    for flip in (False, True):
+        for channel in (0, 3):
+            parent = network.tree(ranks, flip, channel)
+            assert len(parent) == len(ranks) - 1  # a tree: every rank but the root
+            for rank in ranks:  # every rank reaches the root without a cycle
+                seen = set()
+                while rank in parent:
+                    assert rank not in seen
+                    seen.add(rank)
+                    rank = parent[rank]
+    roots = {next(r for r in ranks if r not in network.tree(ranks, flip, 0)) for flip in
+             (False, True)}
+    assert len(roots) == 2  # the two trees are rooted apart
+    small = {a: run_collective(system, "allreduce", 4096, None, a).latency_s
+             for a in ("ring", "tree")}
+    assert small["tree"] < small["ring"] / 2  # 2·log2(8) node hops against 2·(64 − 1)
+    with pytest.raises(UserError, match="--algorithm"):
+        run_collective(system, "allgather", 4096, None, "tree")
+
+
+def test_nvls_reduces_in_the_switch_where_the_system_declares_it() -> None:
+    """Every GPU sends S to the switch and receives the sum: ≈ S·β + chunk·β + 2α, against
+    the ring's 2(n − 1)/n · S·β."""
+    system, _ = load_system("dgx_h100.yaml")
+    level = system.links[0]
+    beta, alpha = 1 / (level.bandwidth * level.efficiency), level.latency.seconds
+    size = 64 * CHUNK_BYTES
+    nvls = run_collective(system, "allreduce", size, 8, "nvls").latency_s
+    assert nvls == pytest.approx(size * beta + CHUNK_BYTES * beta + 2 * alpha, rel=1e-9)
+    ring = run_collective(system, "allreduce", size, 8).latency_s
+    assert nvls < ring
+
+
+def test_a_hierarchical_alltoall_is_its_two_steps_closed_form() -> None:
+    """Inside each node (w − 1) messages of N·s, then across nodes (N − 1) of w·s, with
+    s = S/n the direct all-to-all's message."""
+    system, _ = load_system("dgx_a100_cluster.yaml", {"nodes": 4})
+    inner, outer = system.links
+    b1, a1 = 1 / (inner.bandwidth * inner.efficiency), inner.latency.seconds
+    b2, a2 = 1 / (outer.bandwidth * outer.efficiency), outer.latency.seconds
+    size, w, nodes = 256 * 2**20, 8, 4
+    s = size / (w * nodes)
+    got = run_collective(system, "alltoall", size, None, "hierarchical").latency_s
+    want = (w - 1) * nodes * s * b1 + a1 + (nodes - 1) * w * s * b2 + a2
+    assert got == pytest.approx(want, rel=1e-9)
+    one_node = run_collective(system, "alltoall", size, 8, "hierarchical").latency_s
+    assert one_node == run_collective(system, "alltoall", size, 8).latency_s  # direct

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from simulator.api import simulate
 from simulator.cli import main
 from simulator.hardware.system import load_system
-from simulator.parallel import Parallelism, run_pipeline, split_pipeline, split_tensor
+from simulator.parallel import (
+    Parallelism,
+    run_pipeline,
+    split_pipeline,
+    split_tensor,
+    tile_attention,
+)
+from simulator.sequence import split_sequence
 from simulator.workload.cache import get_trace
 from simulator.workload.trace import Trace
 from workloads.config import resolve_model
@@ -136,3 +144,129 @@ def test_data_parallel_replicas_multiply_throughput_at_a_replicas_latency(
                  "num_hidden_layers=4", "--batch", "6", "--dp", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--dp" in err
+
+
+def test_interleaved_pipeline_bubbles_are_p_minus_1_over_vm_plus_p_minus_1() -> None:
+    """Megatron-LM's interleaved schedule: V virtual stages per device, each 1/V of a
+    stage's work, shrink the bubble to (p − 1)/(V·m + p − 1)."""
+    system, _ = load_system("dgx_a100.yaml")
+    instant = system.model_copy(update={"links": (system.links[0].model_copy(
+        update={"latency": type(system.links[0].latency)()}),)})
+    for p, m, v in ((2, 2, 2), (4, 4, 2), (4, 8, 3), (2, 6, 4)):
+        par = Parallelism(1, p, m, interleave=v)
+        pipe = run_pipeline(instant, par, [1000.0 / v] * (p * v), 0.0)
+        assert pipe.bubble_fraction == pytest.approx((p - 1) / (v * m + p - 1), rel=1e-9)
+        plain = run_pipeline(instant, Parallelism(1, p, m), [1000.0] * p, 0.0)
+        assert pipe.makespan_ns < plain.makespan_ns
+    run = simulate("dgx_a100.yaml", "llama2-7b", model_set=FOUR, batch=4, pp=2,
+                   micro_batches=2, pp_interleave=2)
+    assert run.system is not None and run.system.interleave == 2
+    assert len(run.system.stage_latency_s) == 2
+    flat = simulate("dgx_a100.yaml", "llama2-7b", model_set=FOUR, batch=4, pp=2,
+                    micro_batches=2)
+    assert run.system.device_weights_bytes == flat.system.device_weights_bytes  # type: ignore[union-attr]
+    assert run.system.bubble_fraction < flat.system.bubble_fraction  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("args", [
+    ["--pp-interleave", "2"],  # no pipeline
+    ["--pp", "2", "--batch", "3", "--micro-batches", "3", "--pp-interleave", "2"],
+    ["--pp", "2", "--batch", "2", "--micro-batches", "2", "--pp-interleave", "4"],  # 4 blocks
+])
+def test_impossible_interleaving_is_one_line(args: list[str],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--hw", "dgx_a100.yaml", "--model", "llama2-7b", "--model-set",
+                 "num_hidden_layers=4", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--pp-interleave" in err, err
+
+
+def test_ulysses_splits_tokens_and_re_splits_attention_by_heads() -> None:
+    trace = _trace("prefill")
+    device = split_sequence(trace, 4)
+    attention = [op for op in device.ops if op.kind == "attention"]
+    assert all(op.dims["heads"] == 8 and op.dims["q_len"] == 128 for op in attention)
+    moves = [op for op in device.ops if op.kind == "collective"]
+    assert [op.fn for op in moves] == ["alltoall"] * 8  # before and after each attention
+    q = 2 * 128 * 4096 * 2  # batch 2, 128 tokens, hidden 4096, fp16
+    assert [op.input_bytes for op in moves[:2]] == [3 * q // 4, q // 4]
+    assert device.state_bytes * 4 == trace.state_bytes
+    assert sum(op.weight_bytes for op in device.ops) == sum(op.weight_bytes for op in trace.ops)
+    mm = [op for op in device.ops if op.kind == "matmul"]
+    assert mm[0].dims["m"] * 4 == next(op for op in trace.ops if op.kind == "matmul").dims["m"]
+    assert all(d < op.index for op in device.ops for d in op.deps)
+    one = simulate("dgx_a100.yaml", "llama2-7b", model_set=FOUR, phase="prefill", prompt=1024)
+    four = simulate("dgx_a100.yaml", "llama2-7b", model_set=FOUR, phase="prefill",
+                    prompt=1024, sp=4)
+    assert four.system is not None and four.system.sp == 4 and four.system.devices == 4
+    assert one.latency_s / 4 < four.latency_s < one.latency_s / 2
+
+
+@pytest.mark.parametrize("args", [
+    ["--sp", "2"],  # decode
+    ["--phase", "prefill", "--prompt", "128", "--sp", "3"],  # 32 heads
+    ["--phase", "prefill", "--prompt", "100", "--sp", "8"],  # 100 tokens
+    ["--phase", "prefill", "--prompt", "128", "--sp", "2", "--tp", "2"],
+])
+def test_impossible_sequence_splits_are_one_line(args: list[str],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--hw", "dgx_a100.yaml", "--model", "llama2-7b", "--model-set",
+                 "num_hidden_layers=4", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--sp" in err, err
+
+
+def test_a_system_trace_draws_every_device_its_links_and_the_hand_overs(tmp_path: Path
+                                                                         ) -> None:
+    out = tmp_path / "step.json"
+    run = simulate("dgx_a100.yaml", "llama2-7b", model_set=FOUR, batch=4, tp=2, pp=2,
+                   micro_batches=2, trace_file=out)
+    events = json.loads(out.read_text())["traceEvents"]
+    names = [e["args"]["name"] for e in events if e["name"] == "process_name"]
+    assert names[:4] == [f"device {d} (stage {d // 2}, rank {d % 2})" for d in range(4)]
+    slices = [e for e in events if e["ph"] == "X"]
+    end_us = max(e["ts"] + e["dur"] for e in slices)
+    assert end_us == pytest.approx(run.latency_s * 1e6, rel=1e-9)
+    for device in range(4):
+        mine = [e for e in slices if e["pid"] == device + 1]
+        assert {e["args"]["micro_batch"] for e in mine} == {0, 1}
+        assert sum(e["name"].endswith("(allreduce)") for e in mine) == 2 * 2 * 2  # 2 blocks
+    hand_overs = [e for e in slices if e["pid"] == 5]
+    assert len(hand_overs) == 2  # one boundary, two micro-batches
+
+
+def test_a_system_run_plots_one_micro_batchs_path(tmp_path: Path) -> None:
+    simulate("dgx_a100.yaml", "llama2-7b", model_set=FOUR, tp=2, pp=2, plot_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layers.png", "roofline.png"]
+
+
+def test_tiling_allreduce_cuts_attention_into_query_tiles_whose_reduces_overlap() -> None:
+    device = split_tensor(_trace("prefill"), 4)
+    tiled = tile_attention(device, 4)
+    for layer in ("layers.0", "layers.3"):
+        attention = [op for op in tiled.ops if op.kind == "attention" and op.layer == layer]
+        whole = next(op for op in device.ops if op.kind == "attention" and op.layer == layer)
+        assert [op.dims["q_len"] for op in attention] == [32] * 4
+        assert sum(op.dims["pairs"] for op in attention) == whole.dims["pairs"]  # causal rows
+        reduces = [op for op in tiled.ops if op.kind == "collective" and op.layer == layer]
+        assert [op.dims.get("overlap", 0) for op in reduces] == [1, 1, 1, 1, 0]  # MLP's whole
+        assert reduces[0].input_bytes * 4 == next(
+            op for op in device.ops if op.kind == "collective" and op.layer == layer).input_bytes
+    assert all(d < op.index for op in tiled.ops for d in op.deps)
+    kw = {"model_set": FOUR, "phase": "prefill", "prompt": 2048, "tp": 8}
+    plain = simulate("dgx_a100.yaml", "llama2-7b", **kw)
+    overlapped = simulate("dgx_a100.yaml", "llama2-7b", **kw, tp_overlap=4)
+    assert overlapped.latency_s < plain.latency_s
+
+
+@pytest.mark.parametrize("args", [
+    ["--tp", "2", "--tp-overlap", "2"],  # decode
+    ["--phase", "prefill", "--prompt", "128", "--tp-overlap", "2"],  # no --tp
+    ["--phase", "prefill", "--prompt", "100", "--tp", "2", "--tp-overlap", "8"],
+])
+def test_impossible_overlaps_are_one_line(args: list[str],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--hw", "dgx_a100.yaml", "--model", "llama2-7b", "--model-set",
+                 "num_hidden_layers=4", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tp-overlap" in err, err

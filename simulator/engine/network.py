@@ -12,6 +12,7 @@ other down by contention, not by a formula.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
@@ -86,14 +87,28 @@ class Network:
             yield self.env.timeout(nbytes * self.ns_per_byte[index])
         self.env.timeout(self.latency_ns[index]).callbacks.append(lambda _e: arrived.succeed())
 
-    def collective(self, kind: str, nbytes: float, ranks: list[int]) -> Process:
+    def collective(self, kind: str, nbytes: float, ranks: list[int],
+                   algorithm_name: str = "ring") -> Process:
         """One collective of `nbytes` (nccl-tests' size) over `ranks`; the process ends when
         every device holds its result. Ranks on several nodes run one ring per device of a
         node (NCCL's one ring per NIC), each leaving every node from a different device,
-        with an equal share of the message."""
+        with an equal share of the message. An all-reduce may instead run as NCCL's two
+        trees (`tree`) or reduced in the switch (`nvls`)."""
         n = len(ranks)
         algorithm = plan(kind, n)
         if n == 1:
+            return
+        if algorithm_name == "tree":
+            pairs = self._tree_channels(ranks)
+            yield simpy.AllOf(self.env, [
+                self.env.process(self._tree(nbytes / (2 * pairs), ranks, flip, c, pairs))
+                for c in range(pairs) for flip in (False, True)])
+            return
+        if algorithm_name == "nvls":
+            yield from self._switch_reduce(nbytes, ranks)
+            return
+        if algorithm_name == "hierarchical":
+            yield from self._hierarchical(nbytes * algorithm.share, ranks)
             return
         if not algorithm.ring:
             yield from self._direct(nbytes * algorithm.share, ranks)
@@ -124,6 +139,107 @@ class Network:
         width = min(len(group) for group in groups)
         return [[rank for group in groups for rank in group[c:] + group[:c]]
                 for c in range(width)]
+
+    def _tree_channels(self, ranks: list[int]) -> int:
+        """Tree pairs an all-reduce runs: one per device of a node across nodes (NCCL's
+        channels, one per NIC, as its rings), one within a node."""
+        per_node = self.system.devices.per_node
+        nodes: dict[int, int] = {}
+        for rank in ranks:
+            nodes[rank // per_node] = nodes.get(rank // per_node, 0) + 1
+        return min(nodes.values()) if len(nodes) > 1 else 1
+
+    def tree(self, ranks: list[int], flip: bool, channel: int = 0) -> dict[int, int]:
+        """Parent of each rank but the root in one of NCCL's two all-reduce trees of a
+        channel: a node's devices chained under its device number `channel` (the chain
+        reversed, `flip`), the nodes' heads in a binary tree by node (in reverse order,
+        `flip`), so each device sits low in one tree and high in the other."""
+        per_node = self.system.devices.per_node
+        nodes: dict[int, list[int]] = {}
+        for rank in ranks:
+            nodes.setdefault(rank // per_node, []).append(rank)
+        groups = []
+        for group in nodes.values():
+            turned = group[channel % len(group):] + group[:channel % len(group)]
+            groups.append([turned[0], *turned[1:][::-1]] if flip else turned)
+        if flip:
+            groups.reverse()
+        parent: dict[int, int] = {}
+        for group in groups:
+            parent |= {child: up for up, child in itertools.pairwise(group)}
+        heads = [group[0] for group in groups]
+        parent |= {head: heads[(i - 1) // 2] for i, head in enumerate(heads) if i}
+        return parent
+
+    def _tree(self, nbytes: float, ranks: list[int], flip: bool, channel: int,
+              channels: int) -> Process:
+        """One tree's share of a tree all-reduce: chunks reduced up the tree to its root
+        and broadcast back down, pipelined (a rank sends chunk c up once its children's
+        chunk c is in)."""
+        parent = self.tree(ranks, flip, channel)
+        children: dict[int, list[int]] = {rank: [] for rank in ranks}
+        for child, up in parent.items():
+            children[up].append(child)
+        budget = MAX_TRANSFERS // (4 * channels * len(ranks))
+        chunks = max(1, min(MAX_CHUNKS, budget, math.ceil(nbytes / CHUNK_BYTES)))
+        chunk = nbytes / chunks
+        up = [{rank: self.env.event() for rank in ranks} for _ in range(chunks)]
+        down = [{rank: self.env.event() for rank in ranks} for _ in range(chunks)]
+        for c in range(chunks):
+            for rank in ranks:
+                self.env.process(self._tree_step(rank, parent.get(rank), children[rank],
+                                                 chunk, up[c], down[c]))
+        yield simpy.AllOf(self.env, [down[c][rank] for c in range(chunks) for rank in ranks])
+
+    def _tree_step(self, rank: int, up_to: int | None, children: list[int], chunk: float,
+                   up: dict[int, simpy.Event], down: dict[int, simpy.Event]) -> Process:
+        """One rank's part in one chunk: reduce its children's partial sums into its own and
+        send them up; then, once the sum comes down (the root: once it is complete), hand
+        it to its children."""
+        if children:
+            yield simpy.AllOf(self.env, [up[child] for child in children])
+        if up_to is None:
+            down[rank].succeed()
+        else:
+            yield from self.transfer(rank, up_to, chunk, up[rank])
+            yield down[rank]
+        for child in children:
+            yield from self.transfer(rank, child, chunk, down[child])
+
+    def _switch_reduce(self, nbytes: float, ranks: list[int]) -> Process:
+        """All-reduce in the switch (NVLink SHARP): every device sends its whole message to
+        the switch, which sums it and multicasts the sum back, chunk by chunk; a device's
+        out port carries S once and its in port S once."""
+        index = self.inner
+        chunks = max(1, min(MAX_CHUNKS, math.ceil(nbytes / CHUNK_BYTES)))
+        chunk = nbytes / chunks
+        summed = [self.env.event() for _ in range(chunks)]
+        landed = []
+        for c in range(chunks):
+            sent = [self.env.event() for _ in ranks]
+            for rank, event in zip(ranks, sent, strict=True):
+                self.env.process(self._port(self.out[rank][index], chunk, index, event))
+            simpy.AllOf(self.env, sent).callbacks.append(
+                lambda _e, done=summed[c]: done.succeed())
+            for rank in ranks:
+                event = self.env.event()
+                landed.append(event)
+                self.env.process(self._from_switch(self.into[rank][index], chunk, index,
+                                                   summed[c], event))
+        yield simpy.AllOf(self.env, landed)
+
+    def _port(self, port: simpy.Resource, nbytes: float, index: int,
+              arrived: simpy.Event) -> Process:
+        """`nbytes` through one port of level `index` (to or from its switch)."""
+        with port.request() as turn:
+            yield turn
+            yield self.env.timeout(nbytes * self.ns_per_byte[index])
+        self.env.timeout(self.latency_ns[index]).callbacks.append(lambda _e: arrived.succeed())
+
+    def _from_switch(self, port: simpy.Resource, nbytes: float, index: int,
+                     ready: simpy.Event, arrived: simpy.Event) -> Process:
+        yield ready
+        yield from self._port(port, nbytes, index, arrived)
 
     def _ring(self, kind: str, nbytes: float, ranks: list[int], algorithm: Algorithm,
               rings: int) -> Process:
@@ -164,6 +280,31 @@ class Network:
         n = len(ranks)
         yield from self.alltoallv([[0.0 if s == d else share for d in range(n)]
                                    for s in range(n)], ranks)
+
+    def _hierarchical(self, share: float, ranks: list[int]) -> Process:
+        """All-to-all in two steps (Tutel's and DeepSpeed-MoE's hierarchical one): inside
+        each node a device gathers from its node's devices everything bound for devices of
+        its own local number anywhere (`nodes` × `share` from each), then it exchanges
+        with those devices across nodes (`per node` × `share` to each). Fewer, larger
+        messages cross the nodes; every byte crosses the node's level twice."""
+        per_node = self.system.devices.per_node
+        nodes: dict[int, list[int]] = {}
+        for rank in ranks:
+            nodes.setdefault(rank // per_node, []).append(rank)
+        groups = list(nodes.values())
+        width = len(groups[0])
+        if len(groups) == 1 or any(len(group) != width for group in groups):
+            yield from self._direct(share, ranks)  # one node (or uneven ones): direct
+            return
+        inside = len(groups) * share
+        yield simpy.AllOf(self.env, [self.env.process(self.alltoallv(
+            [[0.0 if s == d else inside for d in range(width)] for s in range(width)], group))
+            for group in groups])
+        across = width * share
+        yield simpy.AllOf(self.env, [self.env.process(self.alltoallv(
+            [[0.0 if s == d else across for d in range(len(groups))]
+             for s in range(len(groups))], [group[local] for group in groups]))
+            for local in range(width)])
 
     def alltoallv(self, matrix: Sequence[Sequence[float]], ranks: list[int]) -> Process:
         """All-to-all of uneven messages: ranks[s] sends matrix[s][d] bytes to ranks[d]

@@ -218,7 +218,9 @@ def _one_stream(hw: Hardware, tasks: list[Task], host_bytes: float, record: bool
     """Ops one after another, each distinct op simulated alone once (see module notes)."""
     host = _Run(hw, [], record).run(host_bytes)
     now, usage, events, slices = host.makespan_ns, host.usage, host.events, list(host.slices)
-    starts, ends = [], []
+    starts: list[float] = []
+    ends: list[float] = []
+    links_free = 0.0  # collectives that overlap the stream run one after another
     alone: dict[tuple, Timeline] = {}
     for index, task in enumerate(tasks):
         run = alone.get((task.stages, task.link_ns))
@@ -227,14 +229,19 @@ def _one_stream(hw: Hardware, tasks: list[Task], host_bytes: float, record: bool
             run = alone[task.stages, task.link_ns] = _Run(hw, [by_itself], record).run(
                 0.0, step=False)
             events += run.events
-        starts.append(now + run.op_start_ns[0])
-        ends.append(now + run.op_end_ns[0])
+        now = max([now, *(ends[d] for d in task.op.deps)])  # an overlapped collective's end
+        begin = max(now, links_free) if task.overlaps else now
+        starts.append(begin + run.op_start_ns[0])
+        ends.append(begin + run.op_end_ns[0])
         usage.merge(run.usage)
-        slices.extend(replace(piece, op=index, start_ns=now + piece.start_ns,
-                              end_ns=now + piece.end_ns) for piece in run.slices)
-        now += run.makespan_ns
-    return Timeline(makespan_ns=now, op_start_ns=starts, op_end_ns=ends, usage=usage,
-                    events=events, slices=slices)
+        slices.extend(replace(piece, op=index, start_ns=begin + piece.start_ns,
+                              end_ns=begin + piece.end_ns) for piece in run.slices)
+        if task.overlaps:
+            links_free = begin + run.makespan_ns
+        else:
+            now += run.makespan_ns
+    return Timeline(makespan_ns=max([now, *ends]), op_start_ns=starts, op_end_ns=ends,
+                    usage=usage, events=events, slices=slices)
 
 
 def simulate_tasks(hw: Hardware, tasks: list[Task], host_bytes: float = 0.0,

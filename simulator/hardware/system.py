@@ -44,6 +44,8 @@ class Level(Strict):
     latency: DelayField = Field(description="first byte out to its arrival")
     efficiency: Fraction = Field(default=1.0, description="share of `bandwidth` a transfer "
                                                           "sustains")
+    multicast: bool = Field(default=False, description="the switch reduces and multicasts "
+                                                       "(NVLink SHARP): --algorithm nvls")
 
     @model_validator(mode="after")
     def _latency_in_time(self) -> Level:

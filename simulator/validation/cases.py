@@ -76,6 +76,7 @@ class Kernel(BaseModel):
     threads: int = Field(default=2048, description="stream: resident threads per core")
     elements: int = Field(default=1 << 27, description="stream: doubles per array")
     collective: str = Field(default="allreduce", description="collective: which one")
+    algorithm: str = Field(default="ring", description="collective: ring, tree or nvls")
     bytes: int = Field(default=1 << 30, description="collective: nccl-tests size")
     devices: int | None = Field(default=None, description="collective: ranks (default all)")
 
@@ -263,7 +264,8 @@ def _kernel(case: Case, kernel: Kernel) -> float:
     code path as `simulate op`."""
     if kernel.type == "collective":
         system, _ = load_system(case.hardware, case.hw_set)
-        done = run_collective(system, kernel.collective, kernel.bytes, kernel.devices)
+        done = run_collective(system, kernel.collective, kernel.bytes, kernel.devices,
+                              kernel.algorithm)
         return done.latency_s if case.metric == "latency_s" else done.busbw_bytes_per_s
     hw = load_hardware(case.hardware, case.hw_set)
     if kernel.type == "gemm":
