@@ -26,7 +26,9 @@ Two runtimes (`--ep-mode`):
   loads fall (independent routing). The first MoE block dispatches from the tokens' own
   devices. Assumed where the paper is silent (it routes top-1): with k > 1 the k − 1 other
   outputs of a token return to its first expert's device (a combine of (k − 1)/k of the
-  rows), and a device holds the whole KV cache but attends only for its share of tokens.
+  rows), and a device holds the whole KV cache but attends only for its share of tokens,
+  ⌈B / N⌉ of them (under skewed routing the device an expert block leaves the most tokens
+  on attends for more: that is not modelled, so skew makes this mode optimistic).
 
 A device's step time is the critical path: in every MoE block the device with the most
 routed tokens (then the most active experts), since each all-to-all waits for the slowest.
@@ -207,10 +209,12 @@ def _scale(op: Op, share: float, sequences: int) -> Op:
 
 
 def _collective(kind: str, at: Op, block: int, devices: int, nbytes: float, name: str) -> Op:
+    """A collective of the expert exchange (`name`: dispatch, combine, context_allgather);
+    its dims tell apart ops whose timing differs (their byte matrices do)."""
     return Op(index=0, name=kind, fn=kind, kind="collective", module=f"{at.layer}.{name}",
               layer=at.layer, dtype=at.dtype, ops=0, weight_bytes=0, state_read_bytes=0,
               state_write_bytes=0, input_bytes=math.ceil(nbytes), output_bytes=math.ceil(nbytes),
-              dims={"devices": devices, "block": block},
+              dims={"devices": devices, "block": block, "combine": int(name == "combine")},
               shapes=f"{math.ceil(nbytes)} B from the busiest of {devices} devices", deps=())
 
 

@@ -54,6 +54,7 @@ from simulator.sequence import check_sequence, split_sequence
 from simulator.shares import token_share
 from simulator.workload.quant import in_block, linear_input
 from simulator.workload.trace import Op, Trace
+from workloads.pairs import attention_pairs
 
 
 @dataclass(frozen=True)
@@ -114,12 +115,13 @@ def check(par: Parallelism, system: System | None, trace: Trace) -> None:
     """Refuse degrees the system or the model (`trace`, one micro-batch's step) cannot
     take, naming the flag."""
     if par.overlap > 1:
-        first = next((op for op in trace.ops if op.kind == "attention"), None)
-        q_len = first.dims["q_len"] if first is not None else 0
-        if par.tp == 1 or trace.phase == "decode" or not q_len or q_len % par.overlap:
+        lengths = sorted({op.dims["q_len"] for op in trace.ops if op.kind == "attention"})
+        if (par.tp == 1 or trace.phase == "decode" or not lengths
+                or any(q_len % par.overlap for q_len in lengths)):
             raise UserError("--tp-overlap", f"tiles the queries of a prefill whose tensor-"
                             f"parallel all-reduces it overlaps; expected --tp > 1, --phase "
-                            f"prefill and a divisor of its {q_len} tokens, not {par.overlap}")
+                            f"prefill and a divisor of its {lengths[-1] if lengths else 0} "
+                            f"tokens, not {par.overlap}")
     if system is None:
         if par.devices > 1 or par.micro_batches > 1:
             raise UserError("--tp" if par.tp > 1 else "--pp" if par.pp > 1 else "--ep"
@@ -150,8 +152,7 @@ def check(par: Parallelism, system: System | None, trace: Trace) -> None:
             raise UserError("--ep-mode", "coherent (ExFlow) is modelled for decode steps (its "
                                          "prompts' context is all-gathered once, before); "
                                          "expected --phase decode or --ep-mode combine")
-    attention = next((op for op in trace.ops if op.kind == "attention"), None)
-    if attention is not None and par.tp > 1:
+    for attention in (op for op in trace.ops if op.kind == "attention" and par.tp > 1):
         for key in ("heads", "kv_heads"):
             if attention.dims[key] % par.tp:
                 raise UserError("--tp", f"expected a divisor of the model's {attention.dims[key]}"
@@ -246,9 +247,24 @@ def split_tensor(trace: Trace, tp: int) -> Trace:
                    state_bytes=_divide(trace.state_bytes, tp))
 
 
-def _pairs(ctx: int, first: int, last: int) -> int:
-    """Causal (query, key) pairs of query rows first … last − 1 after `ctx` cached keys."""
-    return (last - first) * ctx + (last * (last + 1) - first * (first + 1)) // 2
+def _tile(op: Op, rows: int, keys: int) -> Op:
+    """The attention `op` for `rows` of its queries (the last of which sees `keys` keys):
+    their score pairs' share of its work, their queries and outputs, and the keys and
+    values they read."""
+    d = op.dims
+    causal, window = bool(d["causal"]), d.get("window", 0)
+    pairs = attention_pairs(rows, keys, causal, window)
+    share = pairs / attention_pairs(d["q_len"], d["kv_len"], causal, window)
+    q_bytes = min(op.output_bytes, op.input_bytes)  # the output has the queries' shape
+    kv_share = keys / d["kv_len"]
+    row_share = rows / d["q_len"]
+    return replace(
+        op, ops=math.ceil(op.ops * share),
+        input_bytes=math.ceil(q_bytes * row_share + (op.input_bytes - q_bytes) * kv_share),
+        output_bytes=math.ceil(op.output_bytes * row_share),
+        state_read_bytes=math.ceil(op.state_read_bytes * kv_share),
+        state_write_bytes=math.ceil(op.state_write_bytes * row_share),
+        dims={**d, "q_len": rows, "kv_len": keys, "pairs": max(1, pairs)})
 
 
 def tile_attention(trace: Trace, tiles: int) -> Trace:
@@ -256,8 +272,9 @@ def tile_attention(trace: Trace, tiles: int) -> Trace:
     trace: in every block the attention, the ops up to the row-split output projection and
     that projection are cut into `tiles` query tiles, and each tile's all-reduce runs on the
     links while the next tile computes (the stream waits only where the block's residual add
-    needs the last). Each tile reads the projection's weights again. Prefill and encoder
-    passes (a tile is q_len / tiles query rows of every sequence)."""
+    needs the last). Each tile reads the projection's weights again, and the keys and values
+    its queries see. Prefill and encoder passes (a tile is q_len / tiles query rows of every
+    sequence)."""
     if tiles == 1:
         return trace
     ops: list[Op] = []
@@ -266,36 +283,35 @@ def tile_attention(trace: Trace, tiles: int) -> Trace:
     i = 0
     while i < len(source):
         op = source[i]
-        deps = tuple(moved[d] for d in op.deps)
         end = next((j for j in range(i + 1, len(source)) if source[j].kind == "collective"
                     and source[j].layer == op.layer), None) if op.kind == "attention" else None
         if end is None:
-            ops.append(replace(op, index=len(ops), deps=deps))
+            ops.append(replace(op, index=len(ops), deps=tuple(moved[d] for d in op.deps)))
             moved[op.index] = len(ops) - 1
             i += 1
             continue
         d = op.dims
         q, ctx = d["q_len"], d["kv_len"] - d["q_len"]
-        last = deps
+        reduced: tuple[int, ...] = ()
         for t in range(tiles):
             first_row, last_row = t * q // tiles, (t + 1) * q // tiles
-            pairs = (_pairs(ctx, first_row, last_row) if d["causal"]
-                     else (last_row - first_row) * d["kv_len"])
-            whole = _pairs(ctx, 0, q) if d["causal"] else q * d["kv_len"]
-            keys = ctx + last_row if d["causal"] else d["kv_len"]  # the keys the tile sees
-            tile = replace(token_share(op, pairs / whole), dims={
-                **d, "q_len": last_row - first_row, "kv_len": keys, "pairs": max(1, pairs)})
-            ops.append(replace(tile, index=len(ops), deps=last))
-            previous = len(ops) - 1
-            for inner in source[i + 1:end]:
-                ops.append(replace(token_share(inner, 1 / tiles), index=len(ops),
-                                   deps=(previous,)))
-                previous = len(ops) - 1
-            reduce = source[end]
-            part = math.ceil(reduce.input_bytes / tiles)
-            ops.append(replace(reduce, index=len(ops), deps=(previous,), input_bytes=part,
-                               output_bytes=part, dims={**reduce.dims, "overlap": 1}))
-            last = deps  # the next tile starts on the stream at once
+            keys = ctx + last_row if d["causal"] else d["kv_len"]
+            local: dict[int, int] = {}
+            for j in range(i, end + 1):
+                part = source[j]
+                deps = tuple(local[x] if x in local else moved[x] for x in part.deps)
+                if j == i:
+                    part = _tile(part, last_row - first_row, keys)
+                elif j < end:
+                    part = token_share(part, 1 / tiles)
+                else:  # this tile's all-reduce, after the previous tile's on the links
+                    size = math.ceil(part.input_bytes / tiles)
+                    part = replace(part, input_bytes=size, output_bytes=size,
+                                   dims={**part.dims, "overlap": 1})
+                    deps += reduced
+                ops.append(replace(part, index=len(ops), deps=deps))
+                local[part.index] = len(ops) - 1
+            reduced = (len(ops) - 1,)
         for j in range(i, end + 1):
             moved[source[j].index] = len(ops) - 1
         i = end + 1
@@ -446,9 +462,12 @@ def split_system(trace: Trace, par: Parallelism) -> tuple[list[Trace], dict[str,
     blocks, experts = len(trace.expert_tokens), len(trace.expert_tokens[0])
     placement = (contiguous(blocks, experts, par.ep) if par.placement in (None, "contiguous")
                  else load_placement(par.placement, par.ep, blocks, experts))
-    layers = list(expert_bytes(trace))
-    held = resident_weights(trace, {layer: max(len(placement.experts_on(b, d))
-                                              for d in range(par.ep))
+    sizes = expert_bytes(trace)
+    layers = list(sizes)
+    # the device holding the most expert weights over all blocks (a block's experts alike)
+    fullest = max(range(par.ep), key=lambda d: sum(
+        sizes[layer] * len(placement.experts_on(b, d)) for b, layer in enumerate(layers)))
+    held = resident_weights(trace, {layer: len(placement.experts_on(b, fullest))
                                     for b, layer in enumerate(layers)})
     top_k = sum(trace.expert_tokens[0]) // trace.tokens
     split = split_experts(trace, placement, par.ep_mode, top_k)
@@ -466,6 +485,10 @@ def simulate_system(system: System, chip: Hardware, trace: Trace, par: Paralleli
     timeline of one replica: a process per device and one for the stage hand-overs."""
     from simulator.api import check_fits, run_trace
 
+    if par.overlap > 1 and (chip.scheduling.overlap_ops or mapping == "batch"):
+        raise UserError("--tp-overlap", f"overlaps all-reduces with a GPU's one kernel stream;"
+                        f" {chip.name} runs ops concurrently (scheduling.overlap_ops) or "
+                        "--mapping batch is set; expected a GPU chip and --mapping tensor")
     m, tp, group, pp = par.micro_batches, par.tp, par.group, par.pp
     chunks, matrices = split_system(trace, par)
     # what one device of each stage holds: its virtual stages' weights and states
@@ -500,7 +523,7 @@ def simulate_system(system: System, chip: Hardware, trace: Trace, par: Paralleli
                         task.link_ns)
         collectives += [CollectiveShare(s, kind, size, len(times), sum(times) * 1e-9)
                         for (kind, size), times in sorted(grouped.items())]
-    handovers_s = (len(chunks) - 1) * pipeline.send_ns * 1e-9
+    handovers_s = sum(end - start for mb, _, start, end in pipeline.sends if mb == 0) * 1e-9
     path_s = sum(result.latency_s for result in results) + handovers_s
     links_s = sum(c.time_s for c in collectives) + handovers_s
     first = results[0]

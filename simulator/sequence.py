@@ -27,18 +27,19 @@ def check_sequence(trace: Trace, sp: int) -> None:
     if trace.phase == "decode":
         raise UserError("--sp", "splits a sequence's tokens over devices, and a decode step "
                                 "has one per sequence; expected --phase prefill (or forward)")
-    attention = next((op for op in trace.ops if op.kind == "attention"), None)
-    if attention is None:
+    attentions = [op for op in trace.ops if op.kind == "attention"]
+    if not attentions:
         raise UserError("--sp", "re-splits attention by heads; this model has no attention "
                                 "op; expected --sp 1")
-    for key in ("heads", "kv_heads"):
-        if attention.dims[key] % sp:
-            raise UserError("--sp", f"expected a divisor of the model's {attention.dims[key]} "
-                                    f"{key.replace('_', ' ')} (Ulysses splits attention by "
-                                    f"heads), not {sp}")
-    if attention.dims["q_len"] % sp:
-        raise UserError("--sp", f"expected a divisor of the {attention.dims['q_len']} tokens "
-                                f"per sequence, not {sp}")
+    for attention in attentions:
+        for key in ("heads", "kv_heads"):
+            if attention.dims[key] % sp:
+                raise UserError("--sp", f"expected a divisor of the model's "
+                                        f"{attention.dims[key]} {key.replace('_', ' ')} "
+                                        f"(Ulysses splits attention by heads), not {sp}")
+        if attention.dims["q_len"] % sp:
+            raise UserError("--sp", f"expected a divisor of the {attention.dims['q_len']} "
+                                    f"tokens per sequence, not {sp}")
 
 
 def _alltoall(at: Op, nbytes: int, sp: int, name: str) -> Op:
@@ -67,7 +68,7 @@ def split_sequence(trace: Trace, sp: int) -> Trace:
             moved[op.index] = emit(token_share(op, share), deps)
             continue
         d = op.dims
-        q = op.input_bytes  # the new queries; k and v are kv_heads / heads of them each
+        q = op.output_bytes  # the queries' shape; k and v are kv_heads / heads of them each
         qkv = math.ceil(q * (1 + 2 * d["kv_heads"] / d["heads"]) / sp)
         before = emit(_alltoall(op, qkv, sp, "ulysses_qkv"), deps)
         heads = replace(token_share(op, share), dims={

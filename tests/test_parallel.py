@@ -270,3 +270,12 @@ def test_impossible_overlaps_are_one_line(args: list[str],
                  "num_hidden_layers=4", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--tp-overlap" in err, err
+
+
+def test_tiling_is_refused_where_collectives_do_not_share_one_stream(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--hw", "dgx_a100.yaml", "--model", "llama2-7b", "--model-set",
+                 "num_hidden_layers=4", "--phase", "prefill", "--prompt", "128", "--tp", "2",
+                 "--tp-overlap", "2", "--mapping", "batch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tp-overlap" in err, err

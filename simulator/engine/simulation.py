@@ -230,16 +230,16 @@ def _one_stream(hw: Hardware, tasks: list[Task], host_bytes: float, record: bool
                 0.0, step=False)
             events += run.events
         now = max([now, *(ends[d] for d in task.op.deps)])  # an overlapped collective's end
-        begin = max(now, links_free) if task.overlaps else now
+        begin = max(now, links_free) if not task.stages else now  # one collective at a time
         starts.append(begin + run.op_start_ns[0])
         ends.append(begin + run.op_end_ns[0])
         usage.merge(run.usage)
         slices.extend(replace(piece, op=index, start_ns=begin + piece.start_ns,
                               end_ns=begin + piece.end_ns) for piece in run.slices)
-        if task.overlaps:
+        if not task.stages:
             links_free = begin + run.makespan_ns
-        else:
-            now += run.makespan_ns
+        if not task.overlaps:
+            now = begin + run.makespan_ns
     return Timeline(makespan_ns=max([now, *ends]), op_start_ns=starts, op_end_ns=ends,
                     usage=usage, events=events, slices=slices)
 

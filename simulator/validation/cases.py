@@ -42,7 +42,8 @@ from workloads.config import resolve_model
 Metric = Literal["block_latency_s", "blocks_latency_s", "blocks_tokens_per_s", "latency_s",
                  "tokens_per_s", "power_w", "energy_per_token_j", "memory_bytes",
                  "input_vector_transfer_s", "tflops", "latency_ratio", "memory_ratio",
-                 "bandwidth_bytes_per_s", "block_latency_ratio", "alltoall_time_ratio"]
+                 "bandwidth_bytes_per_s", "block_latency_ratio", "alltoall_time_ratio",
+                 "generate_latency_s"]
 Role = Literal["fitted", "held-out", "consistency", "projection", "open", "report"]
 ROLES: tuple[Role, ...] = ("fitted", "held-out", "consistency", "projection", "open", "report")
 #: The standard gate of each gated role (a wider one needs a `gate_reason`).
@@ -118,6 +119,10 @@ class Case(BaseModel):
     ep: int = 1
     placement: str | None = None
     ep_mode: Literal["combine", "coherent"] = "combine"
+    #: tensor parallelism (--tp) on a system
+    tp: int = 1
+    #: generate_latency_s: tokens generated after the prompt (one decode step each)
+    generate: int = 0
     metric: Metric
     reference: float
     source: str
@@ -297,14 +302,27 @@ def _run(case: Case, model: str, model_set: dict[str, Any], quant: str | None,
     ep_mode = case.ep_mode if ep_mode is None else ep_mode
     key = json.dumps([case.hardware, case.hw_set, model, model_set, case.phase, case.batch,
                       case.context, case.prompt, case.mapping, case.runtime, quant, case.ep,
-                      placement, ep_mode], sort_keys=True, default=str)
+                      placement, ep_mode, case.tp], sort_keys=True, default=str)
     if key not in _RUNS:
         _RUNS[key] = simulate(case.hardware, model, phase=case.phase, batch=case.batch,
                               context=case.context, prompt=case.prompt, mapping=case.mapping,
                               hw_set=case.hw_set, model_set=_strings(model_set),
                               runtime=case.runtime, quant=quant, ep=case.ep,
-                              placement=placement, ep_mode=ep_mode)
+                              placement=placement, ep_mode=ep_mode, tp=case.tp)
     return _RUNS[key]
+
+
+def _generate_s(case: Case) -> float:
+    """One request end to end: the prompt's prefill, then `generate` decode steps at
+    contexts prompt … prompt + generate − 1, summed by Simpson's rule over the first,
+    middle and last step (a step's time is near-affine in its context)."""
+    prefill = _run(case.model_copy(update={"phase": "prefill"}), case.model, case.model_set,
+                   case.quant).latency_s
+    n = case.generate
+    steps = [_run(case.model_copy(update={"phase": "decode", "context": context}), case.model,
+                  case.model_set, case.quant).latency_s
+             for context in (case.prompt, case.prompt + (n - 1) // 2, case.prompt + n - 1)]
+    return prefill + n * (steps[0] + 4 * steps[1] + steps[2]) / 6
 
 
 def _alltoall_s(result: Result) -> float:
@@ -324,6 +342,10 @@ def measure(case: Case) -> float:
         return _kernel(case, case.kernel)
     if case.metric == "input_vector_transfer_s":
         return _host_transfer_s(case)
+    if case.metric == "generate_latency_s":
+        if case.generate < 1:
+            raise UserError(case.id, "generate_latency_s needs 'generate', the tokens made")
+        return _generate_s(case)
     result = _run(case, case.model, case.model_set, case.quant)
     if case.metric in ("latency_ratio", "memory_ratio", "block_latency_ratio",
                        "alltoall_time_ratio"):

@@ -20,7 +20,9 @@ def _value(metric: str, value: float) -> str:
     if metric.endswith("per_s"):
         return f"{value:.4g} /s"
     if metric.endswith("_s"):
-        return f"{value * 1e6:.4g} µs" if value < 1e-3 else f"{value * 1e3:.4g} ms"
+        if value < 1e-3:
+            return f"{value * 1e6:.4g} µs"
+        return f"{value * 1e3:.4g} ms" if value < 1 else f"{value:.4g} s"
     if metric.endswith("_w"):
         return f"{value:.4g} W"
     return f"{value:.4g}"

@@ -21,7 +21,7 @@ from simulator.errors import UserError
 from simulator.workload.trace import Op, OpKind, Phase, Trace
 from workloads.build import prepare
 from workloads.models import AnyModel
-from workloads.ops import attention_pairs
+from workloads.pairs import attention_pairs
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
            torch.int8: "int8", torch.uint8: "int8", torch.int32: "int32", torch.int64: "int32",
