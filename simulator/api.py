@@ -113,7 +113,7 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
              quant: str | None = None, tp: int = 1, pp: int = 1,
              micro_batches: int = 1, ep: int = 1, placement: str | Path | None = None,
              ep_mode: str = "combine", dp: int = 1, pp_interleave: int = 1,
-             sp: int = 1, tp_overlap: int = 1) -> Result:
+             sp: int = 1, tp_overlap: int = 1, tp_sp: bool = False) -> Result:
     """Simulate one step of `model` on `hw`.
 
     decode (a causal LM's default): one new token for each of `batch` sequences after
@@ -128,7 +128,8 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
     quantization scheme to the blocks' linears (simulator.workload.quant). On a system
     (`hw` a system file), `tp`, `pp` and `micro_batches` spread the step over its devices
     (simulator.parallel; `pp_interleave` virtual stages per stage, `tp_overlap` query tiles
-    whose all-reduces overlap compute), `dp` replicates that
+    whose all-reduces overlap compute, `tp_sp` Megatron's sequence parallelism in the TP
+    group), `dp` replicates that
     over equal shares of the batch, `sp` splits each sequence (Ulysses; simulator.sequence),
     and `ep` spreads an MoE model's experts, placed by the
     `placement` file (default contiguous) under the `ep_mode` runtime (combine or coherent;
@@ -140,7 +141,8 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
     system, machine = (None, hw) if isinstance(hw, Hardware) else load_machine(hw, hw_set)
     machine = with_runtime(machine, runtime)
     par = Parallelism(tp, pp, micro_batches, ep, None if placement is None else str(placement),
-                      ep_mode, dp, pp_interleave, sp, tp_overlap)  # type: ignore[arg-type]
+                      ep_mode, dp, pp_interleave, sp, tp_overlap,  # type: ignore[arg-type]
+                      tp_sp)
     check_degrees(par)
     if isinstance(model, str):
         cfg = resolve_model(model, model_set, moe_routing)

@@ -132,6 +132,10 @@ def _run_parser() -> argparse.ArgumentParser:
                              "launch per step (default: the file's overheads.runtime)")
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel devices (Megatron splits; --hw a system)")
+    parser.add_argument("--tp-sp", action="store_true",
+                        help="Megatron-LM sequence parallelism in the --tp group: reduce-"
+                             "scatter and all-gather instead of all-reduce, norms on 1/tp "
+                             "of the tokens")
     parser.add_argument("--tp-overlap", type=int, default=1, metavar="TILES",
                         help="prefill: cut attention and its output projection into query "
                              "tiles whose all-reduces overlap the next tile (FastAttention)")
@@ -191,7 +195,7 @@ def _run(argv: Sequence[str]) -> int:
         moe_routing=args.moe_routing, quant=args.quant, tp=args.tp, pp=args.pp,
         micro_batches=args.micro_batches, ep=args.ep, placement=args.placement,
         ep_mode=args.ep_mode, dp=args.dp, pp_interleave=args.pp_interleave, sp=args.sp,
-        tp_overlap=args.tp_overlap)
+        tp_overlap=args.tp_overlap, tp_sp=args.tp_sp)
     if args.format == "json":
         print(result.to_json())
     elif args.format == "csv":

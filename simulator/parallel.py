@@ -75,6 +75,8 @@ class Parallelism:
     sp: int = 1
     #: query tiles whose tensor-parallel all-reduces overlap compute (FastAttention)
     overlap: int = 1
+    #: Megatron-LM's sequence parallelism in the TP group (reduce-scatter + all-gather)
+    tp_sequence: bool = False
 
     @property
     def group(self) -> int:
@@ -106,6 +108,9 @@ def check_degrees(par: Parallelism) -> None:
                         f"micro-batches come in groups of --pp (Megatron-LM's rule); expected "
                         f"--pp > 1 and --micro-batches a multiple of it, not --pp {par.pp} "
                         f"--micro-batches {par.micro_batches}")
+    if par.tp_sequence and par.tp == 1:
+        raise UserError("--tp-sp", "splits the tokens between a tensor-parallel group's "
+                                   "row and column splits; expected --tp > 1 with it")
     if par.ep == 1 and (par.placement is not None or par.ep_mode != "combine"):
         raise UserError("--placement" if par.placement is not None else "--ep-mode",
                         "places experts over devices; expected --ep N (N > 1) with it")
@@ -203,17 +208,39 @@ def _collective(after: Op, kind: str, tp: int) -> Op:
               dims={"devices": tp}, deps=(), shapes=f"{after.output_bytes} B over {tp} devices")
 
 
-def split_tensor(trace: Trace, tp: int) -> Trace:
-    """One device's share of `trace` under tensor parallelism of degree `tp`."""
+def split_tensor(trace: Trace, tp: int, sequence: bool = False) -> Trace:
+    """One device's share of `trace` under tensor parallelism of degree `tp`. `sequence`:
+    Megatron-LM's sequence parallelism inside the group (Korthikanti et al., arXiv
+    2205.05198): each row split ends in a reduce-scatter instead of an all-reduce, the
+    norms, residual adds and the embedding's output work on 1/tp of the tokens, and an
+    all-gather of a norm's output precedes the column splits that read it."""
     if tp == 1:
         return trace
     ops: list[Op] = []
     moved: dict[int, int] = {}
+    gathered: dict[int, int] = {}  # a token-split producer → its all-gather
+    split_tokens: set[int] = set()  # ops (new indices) whose output is split by tokens
     saved = 0
 
     def emit(op: Op, deps: tuple[int, ...]) -> int:
         ops.append(replace(op, index=len(ops), deps=deps))
         return len(ops) - 1
+
+    def whole(deps: tuple[int, ...], at: Op) -> tuple[int, ...]:
+        """`deps` with every token-split producer all-gathered first (once each)."""
+        out = []
+        for dep in deps:
+            if dep in split_tokens:
+                if dep not in gathered:
+                    producer = ops[dep]
+                    gather = replace(_collective(at, "allgather", tp),
+                                     module=f"{producer.module}.allgather",
+                                     input_bytes=producer.output_bytes * tp,
+                                     output_bytes=producer.output_bytes * tp)
+                    gathered[dep] = emit(gather, (dep,))
+                dep = gathered[dep]
+            out.append(dep)
+        return tuple(out)
 
     for op in trace.ops:
         deps = tuple(moved[d] for d in op.deps)
@@ -230,8 +257,11 @@ def split_tensor(trace: Trace, tp: int) -> Trace:
                            dims={**d, cut: d[cut] // tp, "parallel": _divide(d["parallel"], tp)},
                            input_bytes=op.input_bytes // tp if row else op.input_bytes,
                            output_bytes=op.output_bytes if row else op.output_bytes // tp)
-            index = emit(part, deps)
-            if row or op.layer == "lm_head":
+            index = emit(part, deps if row else whole(deps, op))
+            if row and sequence:
+                index = emit(_collective(op, "reducescatter", tp), (index,))
+                split_tokens.add(index)
+            elif row or op.layer == "lm_head":
                 index = emit(_collective(op, "allreduce" if row else "allgather", tp), (index,))
             moved[op.index] = index
         elif op.kind == "attention":
@@ -239,7 +269,12 @@ def split_tensor(trace: Trace, tp: int) -> Trace:
                 **d, "heads": d["heads"] // tp, "kv_heads": d["kv_heads"] // tp,
                 "parallel": _divide(d["parallel"], tp)}), deps)
         elif op.module.startswith(op.layer + ".") and op.kind != "norm" and _is_block(op.layer):
-            moved[op.index] = emit(_split_op(op, tp), deps)  # between the two splits
+            moved[op.index] = emit(_split_op(op, tp), whole(deps, op))  # between the splits
+        elif sequence and (op.kind in ("norm", "embedding")
+                           or (op.module == op.layer and _is_block(op.layer))):
+            # the hidden stream between the blocks' splits: norms, residual adds, embedding
+            moved[op.index] = emit(token_share(op, 1 / tp), deps)
+            split_tokens.add(moved[op.index])
         else:
             moved[op.index] = emit(op, deps)  # norms, residual adds, embedding: whole
     return replace(trace, model=f"{trace.model} [tp {tp}]", ops=tuple(ops),
@@ -455,7 +490,8 @@ def stage_input_bytes(stage: Trace) -> float:
 def split_system(trace: Trace, par: Parallelism) -> tuple[list[Trace], dict[str, Matrix]]:
     """One device's trace per virtual pipeline stage (tensor split, then expert split, then
     cut into pp × interleave stages), and the byte matrices of the expert all-to-alls."""
-    trace = split_sequence(tile_attention(split_tensor(trace, par.tp), par.overlap), par.sp)
+    trace = split_sequence(tile_attention(split_tensor(trace, par.tp, par.tp_sequence),
+                                          par.overlap), par.sp)
     virtual = par.pp * par.interleave
     if par.ep == 1:
         return split_pipeline(trace, virtual), {}

@@ -279,3 +279,26 @@ def test_tiling_is_refused_where_collectives_do_not_share_one_stream(
                  "--tp-overlap", "2", "--mapping", "batch"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--tp-overlap" in err, err
+
+
+def test_megatron_sequence_parallelism_trades_each_allreduce_for_a_scatter_and_a_gather(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    trace = _trace("prefill")
+    device = split_tensor(trace, 4, sequence=True)
+    kinds = [op.fn for op in device.ops if op.kind == "collective"]
+    assert kinds.count("reducescatter") == 2 * 4 and "allreduce" not in kinds
+    assert kinds.count("allgather") == 2 * 4 + 1 + 1  # before q/k/v and gate/up, LM head
+    hidden = 2 * 128 * 4096 * 2  # batch 2, 128 tokens, fp16
+    assert {op.input_bytes for op in device.ops if op.fn == "reducescatter"} == {hidden}
+    norms = [op for op in device.ops if op.kind == "norm"]
+    assert all(op.output_bytes * 4 == hidden for op in norms)
+    assert all(d < op.index for op in device.ops for d in op.deps)
+    kw = {"model_set": FOUR, "phase": "prefill", "prompt": 2048, "tp": 8}
+    plain = simulate("dgx_a100.yaml", "llama2-7b", **kw)
+    split = simulate("dgx_a100.yaml", "llama2-7b", **kw, tp_sp=True)
+    assert split.latency_s < plain.latency_s
+    assert split.system is not None and plain.system is not None
+    assert split.system.communication_s == pytest.approx(plain.system.communication_s, rel=0.05)
+    assert main(["--hw", "dgx_a100.yaml", "--model", "llama2-7b", "--tp-sp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tp-sp" in err
