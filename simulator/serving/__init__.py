@@ -1,0 +1,1 @@
+"""Request-level serving: workloads, schedulers, KV cache and metrics."""
