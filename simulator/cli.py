@@ -39,6 +39,7 @@ COMMANDS = {
     "check": "run a small model through the hardware kernels; compare with PyTorch",
     "regress": "compare projected throughput with the baseline table",
     "sweep": "run a design-space sweep from a YAML spec (resumable)",
+    "serve": "serve a request stream (Poisson, trace, …) with a batching scheduler",
     "help": "show this help, or a command's: simulate help COMMAND",
 }
 
@@ -510,8 +511,113 @@ def _help(argv: Sequence[str]) -> int:
     return _handler(name)([*rest, "--help"])
 
 
+def _serve(argv: Sequence[str]) -> int:
+    from simulator.serving.loop import Options
+    from simulator.serving.schedulers import SCHEDULERS
+
+    parser = _Parser(prog="simulate serve", description="Serve a stream of requests with a "
+                     "batching scheduler; step times come from the engine. Prints TTFT, TPOT, "
+                     "end-to-end and queueing percentiles, throughput and energy.")
+    parser.add_argument("--hw", required=True, help="a chip or a system file")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--requests", metavar="SPEC.yaml", default=None,
+                        help="workload spec (simulator/serving/requests.py); flags override")
+    parser.add_argument("--arrival", default=None,
+                        choices=("poisson", "gamma", "fixed", "burst", "trace"))
+    parser.add_argument("--rate", default=None,
+                        help="arrivals per second (a number), or with a unit: '240 /min'")
+    parser.add_argument("--cv", type=float, default=None, help="gamma arrivals' CV")
+    parser.add_argument("--num-requests", type=int, default=None)
+    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (fixed)")
+    parser.add_argument("--output", type=int, default=None, help="output tokens (fixed)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--trace-file", default=None, metavar="CSV",
+                        help="Azure or Vidur request trace (arrival and lengths)")
+    parser.add_argument("--scheduler", default="vllm", choices=tuple(SCHEDULERS))
+    parser.add_argument("--max-sequences", type=int, default=256,
+                        help="most sequences in a step (vLLM max_num_seqs)")
+    parser.add_argument("--max-tokens", type=int, default=8192,
+                        help="most prompt tokens a step prefills (max_num_batched_tokens)")
+    parser.add_argument("--block-size", type=int, default=16, help="KV block, tokens")
+    parser.add_argument("--kv-blocks", type=int, default=None,
+                        help="pin the KV cache's blocks (default: what memory leaves)")
+    parser.add_argument("--memory-fraction", type=float, default=0.9,
+                        help="share of a device's memory the server uses (default 0.9)")
+    parser.add_argument("--bucket", type=int, default=16,
+                        help="step lengths rounded up to this many tokens (1: exact)")
+    parser.add_argument("--reject", action="store_true",
+                        help="count requests that can never fit as rejected, not an error")
+    parser.add_argument("--slo-ttft", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--slo-tpot", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--runtime", default=None, choices=("eager", "cuda_graphs"))
+    parser.add_argument("--format", default="table", choices=("table", "json", "csv"))
+    args = parser.parse_args(argv)
+    for flag, value, low in (("--max-sequences", args.max_sequences, 1),
+                             ("--max-tokens", args.max_tokens, 1),
+                             ("--block-size", args.block_size, 1),
+                             ("--bucket", args.bucket, 1),
+                             ("--kv-blocks", args.kv_blocks, 1)):
+        if value is not None and value < low:
+            raise UserError(flag, f"expected a whole number ≥ {low}, not {value}")
+    if not 0 < args.memory_fraction <= 1:
+        raise UserError("--memory-fraction", f"expected a share in (0, 1], not "
+                                             f"{args.memory_fraction}")
+    from simulator.serving.requests import load_spec
+    from simulator.serving.serve import rows, run_serving, to_csv, to_json
+    from simulator.yamlfile import load_yaml
+
+    data: dict[str, Any] = {}
+    if args.requests is not None:
+        try:
+            with open(args.requests, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise UserError(f"--requests {args.requests}", f"cannot read it "
+                                                           f"({exc.strerror})") from None
+        data = load_yaml(text, f"--requests {args.requests}") or {}
+        if not isinstance(data, dict):
+            raise UserError(f"--requests {args.requests}", "expected a mapping")
+    rate = args.rate
+    if rate is not None and rate.replace(".", "", 1).replace("-", "", 1).isdigit():
+        rate = f"{rate} /s"  # a bare number: requests per second
+    for key, value in (("arrival", args.arrival), ("rate", rate), ("cv", args.cv),
+                       ("num_requests", args.num_requests), ("prompt", args.prompt),
+                       ("output", args.output), ("seed", args.seed),
+                       ("trace", args.trace_file)):
+        if value is not None:
+            data[key] = value
+    if args.trace_file is not None:
+        data.setdefault("arrival", "trace")
+        data.setdefault("prompt", "trace")
+        data.setdefault("output", "trace")
+    spec = load_spec(data, f"--requests {args.requests}" if args.requests else "requests")
+    options = Options(args.scheduler, args.max_sequences, args.max_tokens, args.block_size,
+                      args.kv_blocks, args.memory_fraction, args.bucket, args.reject,
+                      args.slo_ttft, args.slo_tpot)
+    result = run_serving(args.hw, args.model, spec, options,
+                         model_set=_pairs(args.model_set, "--model-set", False), tp=args.tp,
+                         pp=args.pp, runtime=args.runtime)
+    if args.format == "json":
+        print(to_json(result))
+    elif args.format == "csv":
+        sys.stdout.write(to_csv(result))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_header=False, box=None, title="serving", title_justify="left")
+        for name, value in rows(result):
+            table.add_row(name, value)
+        Console().print(table)
+    return 0
+
+
 _HANDLERS: dict[str, Callable[[Sequence[str]], int]] = {
     "schema": _schema, "trace": _trace, "list": _list, "validate": _validate, "op": _op,
+    "serve": _serve,
     "check": _check, "regress": _regress, "sweep": _sweep, "help": _help}
 _MAIN_RUN = "simulate --hw HW --model MODEL"
 

@@ -28,7 +28,7 @@ def test_help_lists_every_command_and_the_main_flags(capsys: pytest.CaptureFixtu
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert set(SUBCOMMANDS) == {"schema", "trace", "list", "validate", "op", "check", "regress",
-                                "sweep"}
+                                "sweep", "serve"}
     for name, summary in COMMANDS.items():
         assert f"  {name}" in out and summary in out
     for flag in ("--hw", "--model", "--phase", "--batch", "--context", "--prompt", "--mapping",

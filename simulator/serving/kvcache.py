@@ -1,0 +1,44 @@
+"""A paged KV cache: fixed-size blocks of token slots, as vLLM's block manager keeps them."""
+
+from __future__ import annotations
+
+import math
+
+
+class BlockManager:
+    """`blocks` blocks of `block_size` tokens; each sequence holds ⌈tokens / block_size⌉."""
+
+    def __init__(self, blocks: int, block_size: int) -> None:
+        self.blocks, self.block_size = blocks, block_size
+        self.held: dict[int, int] = {}  # request id → blocks it holds
+
+    @property
+    def used(self) -> int:
+        return sum(self.held.values())
+
+    @property
+    def free(self) -> int:
+        return self.blocks - self.used
+
+    def need(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
+
+    def can_hold(self, tokens: int, reserve: int = 0) -> bool:
+        """Whether a new sequence of `tokens` fits, leaving `reserve` blocks free."""
+        return self.need(tokens) <= self.free - reserve
+
+    def grow_needs_block(self, request: int, tokens: int) -> bool:
+        """Whether `request`, reaching `tokens`, needs one more block than it holds."""
+        return self.need(tokens) > self.held.get(request, 0)
+
+    def hold(self, request: int, tokens: int) -> None:
+        """Give `request` the blocks for `tokens` (it may already hold some)."""
+        wanted = self.need(tokens)
+        extra = wanted - self.held.get(request, 0)
+        if extra > self.free:
+            raise RuntimeError(f"KV cache over-committed: {extra} blocks wanted, "
+                               f"{self.free} free")
+        self.held[request] = max(wanted, self.held.get(request, 0))
+
+    def release(self, request: int) -> None:
+        self.held.pop(request, None)

@@ -1,0 +1,68 @@
+"""What every scheduler sees and returns."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from simulator.serving.kvcache import BlockManager
+from simulator.serving.requests import Request
+
+
+@dataclass
+class Running:
+    """A request in the server: the output tokens it has made and when things happened."""
+
+    request: Request
+    generated: int = 0
+    scheduled_s: float | None = None
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    preemptions: int = 0
+
+    @property
+    def cached(self) -> int:
+        """Tokens whose keys and values the next decode step reads (prompt + outputs so far,
+        but the newest, which that step feeds in)."""
+        return self.request.prompt + max(0, self.generated - 1)
+
+    @property
+    def done(self) -> bool:
+        return self.generated >= self.request.output
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward: prefill `sequences` (their prompts, plus outputs made before a
+    preemption, recomputed), or one decode token for each."""
+
+    kind: Literal["prefill", "decode"]
+    sequences: tuple[Running, ...]
+
+
+@dataclass
+class Scheduler:
+    """A batching policy; `max_sequences` caps a step's batch and `max_tokens` a prefill's
+    tokens."""
+
+    kv: BlockManager
+    max_sequences: int = 256
+    max_tokens: int = 8192
+    waiting: deque[Running] = field(default_factory=deque)
+    running: list[Running] = field(default_factory=list)
+    preemptions: int = 0
+
+    name = "base"
+
+    def next_step(self, now: float) -> Step | None:
+        """The step to run at `now` (None: nothing to run until the next arrival)."""
+        raise NotImplementedError
+
+    def finished(self, step: Step, now: float) -> list[Running]:
+        """Take the step's completed sequences out (their KV blocks freed) and return them."""
+        raise NotImplementedError
+
+    def arrived(self, now: float) -> list[Running]:
+        """The waiting requests that have arrived by `now`, in order."""
+        return [seq for seq in self.waiting if seq.request.arrival_s <= now]

@@ -1,0 +1,107 @@
+"""Serving: the request loop, its schedulers and KV cache, and `simulate serve`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from simulator.api import simulate
+from simulator.cli import main
+from simulator.serving.loop import Options
+from simulator.serving.requests import load_spec
+from simulator.serving.serve import run_serving, to_json
+
+TWO = {"num_hidden_layers": "2"}
+
+
+def _serve(spec: dict, **options: object):
+    return run_serving("gpu_a100.yaml", "llama2-7b", load_spec(spec, "spec"),
+                       Options(**options), model_set=TWO)  # type: ignore[arg-type]
+
+
+def test_one_request_alone_takes_a_prefill_then_decode_steps_exactly() -> None:
+    done = _serve({"arrival": "burst", "num_requests": 1, "prompt": 64, "output": 2},
+                  bucket=1)
+    prefill = simulate("gpu_a100.yaml", "llama2-7b", model_set=TWO, phase="prefill",
+                       prompt=64)
+    decode = simulate("gpu_a100.yaml", "llama2-7b", model_set=TWO, context=64)
+    row = done.requests[0]
+    assert row["ttft_s"] == prefill.latency_s and row["queue_s"] == 0.0
+    # (finish − first token) / 1: the step's time to its last bit, but for one rounding
+    assert row["tpot_s"] == pytest.approx(decode.latency_s, rel=1e-15, abs=0)
+    assert row["e2e_s"] == prefill.latency_s + decode.latency_s
+    assert done.summary["energy_j"] == prefill.energy_j + decode.energy_j  # never idle
+
+
+def test_littles_law_holds_on_a_long_stable_run() -> None:
+    done = _serve({"rate": "40 /s", "num_requests": 600, "prompt": 32, "output": 24,
+                   "seed": 1})
+    timeline = done.timeline
+    area = sum(n * (later[0] - t) for (t, n, _), later in itertools.pairwise(timeline))
+    span = timeline[-1][0] - timeline[0][0]
+    busy_mean = area / span  # requests in the server, time-averaged from the loop's state
+    little = done.summary["requests_per_s"] * done.summary["e2e_s"]["mean"]
+    assert busy_mean == pytest.approx(little, rel=0.02)
+    assert done.summary["requests"] == 600
+
+
+def test_a_tight_kv_cache_preempts_and_every_request_still_completes() -> None:
+    done = _serve({"arrival": "burst", "num_requests": 24, "prompt": 48, "output": 80},
+                  kv_blocks=40, block_size=16)  # room for ~5 whole sequences at a time
+    s = done.summary
+    assert s["requests"] == 24 and s["preemptions"] > 0
+    assert s["kv_utilisation"]["max"] <= 1.0
+    assert max(row["preemptions"] for row in done.requests) >= 1
+    assert all(row["e2e_s"] > row["ttft_s"] > 0 for row in done.requests)
+
+
+def test_iteration_batching_beats_request_batching_on_a_saturated_server() -> None:
+    spec = {"rate": "200 /s", "num_requests": 64, "prompt": 32,
+            "output": {"dist": "uniform", "low": 4, "high": 64}, "seed": 2}
+    vllm = _serve(spec, max_sequences=16).summary
+    static = _serve(spec, scheduler="static", max_sequences=16).summary
+    assert vllm["output_tokens_per_s"] > static["output_tokens_per_s"]
+    assert vllm["e2e_s"]["mean"] < static["e2e_s"]["mean"]
+
+
+def test_the_same_seed_gives_byte_identical_json(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["serve", "--hw", "gpu_a100.yaml", "--model", "llama2-7b", "--model-set",
+            "num_hidden_layers=2", "--rate", "20", "--num-requests", "40", "--prompt", "32",
+            "--output", "16", "--seed", "7", "--format", "json"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+    summary = json.loads(first)
+    for name in ("ttft_s", "tpot_s", "e2e_s", "queue_s"):
+        assert set(summary[name]) == {"mean", "p50", "p90", "p99"}
+    for name in ("makespan_s", "requests_per_s", "output_tokens_per_s", "preemptions",
+                 "energy_per_output_token_j", "kv_blocks"):
+        assert name in summary
+    assert to_json  # the API's serialiser is what the CLI prints
+
+
+@pytest.mark.parametrize(("extra", "flag"), [
+    (["--rate", "0"], "rate"),
+    (["--rate", "4", "--prompt", "5000"], "--requests"),  # beyond the KV cache
+    (["--rate", "4", "--kv-blocks", "0"], "--kv-blocks"),
+    (["--rate", "4", "--scheduler", "fifo"], "--scheduler"),
+    (["--rate", "4", "--memory-fraction", "1.5"], "--memory-fraction"),
+])
+def test_bad_serving_input_is_one_line(extra: list[str], flag: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--hw", "gpu_a100.yaml", "--model", "llama2-7b", "--model-set",
+                 "num_hidden_layers=2", "--num-requests", "3", "--kv-blocks", "64", *extra]
+                ) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err, err
+
+
+def test_requests_that_can_never_fit_are_counted_when_asked() -> None:
+    done = _serve({"arrival": "burst", "num_requests": 3,
+                   "prompt": {"dist": "uniform", "low": 16, "high": 2000}, "seed": 3},
+                  kv_blocks=64, reject=True)
+    assert done.summary["rejected"] + done.summary["requests"] == 3
+    assert done.summary["rejected"] >= 1
