@@ -429,13 +429,12 @@ def links_of(system: System, matrices: Table[str, Matrix] | None = None
 
 @dataclass(frozen=True)
 class Pipeline:
-    """A step through the pipeline: its makespan, the stages' idle share, the time one
-    stage boundary's activations take to cross, and when each (micro-batch, virtual stage)
-    ran and each hand-over crossed: (micro-batch, virtual stage, start ns, end ns)."""
+    """A step through the pipeline: its makespan, the stages' idle share, and when each
+    (micro-batch, virtual stage) ran and each hand-over crossed: (micro-batch, virtual
+    stage, start ns, end ns)."""
 
     makespan_ns: float
     bubble_fraction: float
-    send_ns: float
     runs: tuple[tuple[int, int, float, float], ...] = ()
     sends: tuple[tuple[int, int, float, float], ...] = ()
 
@@ -477,8 +476,7 @@ def run_pipeline(system: System, par: Parallelism, stage_ns: list[float],
     env.run()
     work = par.micro_batches * sum(stage_ns)
     bubble = 1 - work / (pp * env.now) if env.now else 0.0
-    return Pipeline(env.now, bubble, min((end - start for *_, start, end in sends), default=0.0),
-                    tuple(sorted(runs)), tuple(sorted(sends)))
+    return Pipeline(env.now, bubble, tuple(sorted(runs)), tuple(sorted(sends)))
 
 
 def stage_input_bytes(stage: Trace) -> float:
