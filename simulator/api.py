@@ -77,7 +77,7 @@ def check_fits(hw: Hardware, trace: Trace) -> None:
 
 def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
               granularity: int = DEFAULT_GRANULARITY, record: bool = False,
-              quant: str | None = None, links: Links | None = None
+              quant: str | None = None, links: Links | None = None, detail: bool = True
               ) -> tuple[Result, list[Task], Timeline]:
     """Map and simulate a captured trace; also returns the tasks and timeline.
 
@@ -99,8 +99,8 @@ def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
             raise UserError(f"--model {trace.model}", exc.detail) from None
         raise exc.for_model(trace.model) from None
     timeline = simulate_tasks(hw, tasks, trace.tokens * HOST_BYTES_PER_TOKEN, record)
-    return build_result(hw, trace, tasks, timeline, energy(hw, tasks, timeline), mapping), \
-        tasks, timeline
+    return build_result(hw, trace, tasks, timeline, energy(hw, tasks, timeline), mapping,
+                        detail=detail), tasks, timeline
 
 
 def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase | None = None,
@@ -113,7 +113,8 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
              quant: str | None = None, tp: int = 1, pp: int = 1,
              micro_batches: int = 1, ep: int = 1, placement: str | Path | None = None,
              ep_mode: str = "combine", dp: int = 1, pp_interleave: int = 1,
-             sp: int = 1, tp_overlap: int = 1, tp_sp: bool = False) -> Result:
+             sp: int = 1, tp_overlap: int = 1, tp_sp: bool = False,
+             derive: bool = False, detail: bool = True) -> Result:
     """Simulate one step of `model` on `hw`.
 
     decode (a causal LM's default): one new token for each of `batch` sequences after
@@ -133,7 +134,9 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
     over equal shares of the batch, `sp` splits each sequence (Ulysses; simulator.sequence),
     and `ep` spreads an MoE model's experts, placed by the
     `placement` file (default contiguous) under the `ep_mode` runtime (combine or coherent;
-    simulator.experts).
+    simulator.experts). `derive`: the trace may be derived from captures of other shapes
+    (simulator.workload.reshape), as a caller simulating many shapes of one model wants;
+    without `detail` (one chip only) the result leaves out its layers and ops.
     """
     from simulator.hardware.system import load_machine
     from simulator.parallel import Parallelism, check, check_degrees, simulate_system
@@ -160,7 +163,7 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
         raise UserError("--micro-batches", f"expected a divisor of a replica's batch "
                                            f"{batch // dp}, not {micro_batches}")
     trace = get_trace(cfg, phase, batch // dp // micro_batches, context, prompt,
-                      use_cache=use_cache)
+                      use_cache=use_cache, derive=derive)
     if quant is not None:
         from simulator.workload.quant import quantize
 
@@ -171,7 +174,8 @@ def simulate(hw: Hardware | str | Path, model: AnyModel | str, *, phase: Phase |
                                  trace_file)
     else:
         result, _, timeline = run_trace(machine, trace, mapping, granularity,
-                                        record=trace_file is not None, quant=quant)
+                                        record=trace_file is not None, quant=quant,
+                                        detail=detail or plot_dir is not None)
         if trace_file is not None:
             from simulator.files import write_atomic
             from simulator.timeline import to_json

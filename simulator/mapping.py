@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from simulator.errors import UserError
 from simulator.hardware.schema import Hardware, LowBitKernel, MappingMode, Unit
@@ -462,6 +462,9 @@ def map_trace(trace: Trace, hw: Hardware, mapping: Mapping = "tensor",
     a collective op (a device's share of a parallel model) is timed by `links`."""
     if granularity < 1:
         raise UserError("--granularity", "expected a whole number of chunks ≥ 1")
+    from simulator.engine.memo import table
+
+    kept = table(hw, "tasks")  # ops mapped in earlier calls (collectives: per call)
     mapped: dict[tuple, Task] = {}
     tasks = []
     for op in trace.ops:
@@ -473,9 +476,19 @@ def map_trace(trace: Trace, hw: Hardware, mapping: Mapping = "tensor",
             known = mapped[key] = Task(op=op, stages=(), unit_kind="link", rate_key="",
                                        energy_ops=0.0, lane_deps=False, link_ns=links(op))
             tasks.append(known)
-        elif known is None:
-            known = mapped[key] = map_op(op, hw, mapping, trace.batch, granularity)
-            tasks.append(known)
-        else:
-            tasks.append(replace(known, op=op))
+            continue
+        if known is None:
+            kept_key = (mapping, trace.batch, granularity, key)
+            known = kept.get(kept_key)
+            if known is None:
+                known = kept[kept_key] = map_op(op, hw, mapping, trace.batch, granularity)
+            mapped[key] = known
+        tasks.append(known if known.op is op else _with_op(known, op))
     return tasks
+
+
+def _with_op(task: Task, op: Op) -> Task:
+    """`task` for `op` (an op of the same signature): dataclasses.replace, but cheaper."""
+    new = object.__new__(Task)
+    new.__dict__.update(task.__dict__, op=op)
+    return new

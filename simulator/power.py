@@ -48,12 +48,17 @@ def energy(hw: Hardware, tasks: list[Task], timeline: Timeline) -> Energy:
                        if timeline.usage.dram_bytes else 1.0)
     per_op: list[float] = []
     compute = dram = onchip = 0.0
+    known: dict[tuple, tuple[float, float, float]] = {}  # a layer's ops recur in every layer
     for task in tasks:
-        op_compute = task.energy_ops * op_energy_per_op(hw, task.unit_kind, task.rate_key)
-        moved = sum((p.dram_load_bytes + p.dram_store_bytes) * p.size for p in task.parts)
+        key = (id(task.stages), task.energy_ops, task.unit_kind, task.rate_key)
+        if (parts := known.get(key)) is None:
+            parts = known[key] = (
+                task.energy_ops * op_energy_per_op(hw, task.unit_kind, task.rate_key),
+                sum((p.dram_load_bytes + p.dram_store_bytes) * p.size for p in task.parts),
+                sum((p.l2_bytes * per_byte.l2 + p.sram_bytes * per_byte.sram) * p.size
+                    for p in task.parts))
+        op_compute, moved, op_onchip = parts
         op_dram = moved * activated_ratio * dram_per_byte
-        op_onchip = sum((p.l2_bytes * per_byte.l2 + p.sram_bytes * per_byte.sram) * p.size
-                        for p in task.parts)
         compute, dram, onchip = compute + op_compute, dram + op_dram, onchip + op_onchip
         per_op.append(op_compute + op_dram + op_onchip)
     host = timeline.usage.host_bytes * per_byte.host

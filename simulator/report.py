@@ -190,16 +190,18 @@ def _useful_shares(hw: Hardware, timeline: Timeline, tracks: list[str]) -> dict[
 
 
 def build_result(hw: Hardware, trace: Trace, tasks: list[Task], timeline: Timeline,
-                 energy: Energy, mapping: str, notes: tuple[str, ...] = ()) -> Result:
-    """Assemble the Result of one simulated step."""
+                 energy: Energy, mapping: str, notes: tuple[str, ...] = (),
+                 detail: bool = True) -> Result:
+    """Assemble the Result of one simulated step (`detail`: with its layers and ops)."""
     latency = timeline.makespan_ns * 1e-9
     static_w = energy.static_j / latency if latency else 0.0
     dynamic: dict[str, float] = {}
     for op, joules in zip(trace.ops, energy.per_op_j, strict=True):
-        dynamic[op.layer] = dynamic.get(op.layer, 0.0) + joules
+        if detail:
+            dynamic[op.layer] = dynamic.get(op.layer, 0.0) + joules
     layers = tuple(LayerResult(name, lat, dynamic.get(name, 0.0) + static_w * lat)
-                   for name, lat, _ in _layer_latencies(trace, timeline))
-    ops = tuple(
+                   for name, lat, _ in _layer_latencies(trace, timeline)) if detail else ()
+    ops = () if not detail else tuple(
         OpResult(index=op.index, name=op.name, kind=op.kind, module=op.module, layer=op.layer,
                  unit=task.parts[0].unit if task.parts else "links", cores=task.cores,
                  start_s=start * 1e-9, end_s=end * 1e-9, ops=op.ops,

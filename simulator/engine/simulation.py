@@ -221,13 +221,18 @@ def _one_stream(hw: Hardware, tasks: list[Task], host_bytes: float, record: bool
     starts: list[float] = []
     ends: list[float] = []
     links_free = 0.0  # collectives that overlap the stream run one after another
-    alone: dict[tuple, Timeline] = {}
+    from simulator.engine.memo import table
+
+    alone: dict[tuple, Timeline] = table(hw, "alone")  # kept across calls
+    seen: set[tuple] = set()  # events count each distinct op of this call once
     for index, task in enumerate(tasks):
-        run = alone.get((task.stages, task.link_ns))
+        key = (task.stages, task.link_ns, record)
+        run = alone.get(key)
         if run is None:
             by_itself = replace(task, op=replace(task.op, deps=()))
-            run = alone[task.stages, task.link_ns] = _Run(hw, [by_itself], record).run(
-                0.0, step=False)
+            run = alone[key] = _Run(hw, [by_itself], record).run(0.0, step=False)
+        if key not in seen:
+            seen.add(key)
             events += run.events
         now = max([now, *(ends[d] for d in task.op.deps)])  # an overlapped collective's end
         begin = max(now, links_free) if not task.stages else now  # one collective at a time

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 
 class BlockManager:
     """`blocks` blocks of `block_size` tokens; each sequence holds ⌈tokens / block_size⌉."""
@@ -11,17 +9,14 @@ class BlockManager:
     def __init__(self, blocks: int, block_size: int) -> None:
         self.blocks, self.block_size = blocks, block_size
         self.held: dict[int, int] = {}  # request id → blocks it holds
-
-    @property
-    def used(self) -> int:
-        return sum(self.held.values())
+        self.used = 0  # Σ held
 
     @property
     def free(self) -> int:
         return self.blocks - self.used
 
     def need(self, tokens: int) -> int:
-        return math.ceil(tokens / self.block_size)
+        return -(-tokens // self.block_size)
 
     def can_hold(self, tokens: int, reserve: int = 0) -> bool:
         """Whether a new sequence of `tokens` fits, leaving `reserve` blocks free."""
@@ -33,12 +28,15 @@ class BlockManager:
 
     def hold(self, request: int, tokens: int) -> None:
         """Give `request` the blocks for `tokens` (it may already hold some)."""
-        wanted = self.need(tokens)
-        extra = wanted - self.held.get(request, 0)
-        if extra > self.free:
+        have = self.held.get(request, 0)
+        extra = -(-tokens // self.block_size) - have
+        if extra <= 0:
+            return
+        if extra > self.blocks - self.used:
             raise RuntimeError(f"KV cache over-committed: {extra} blocks wanted, "
                                f"{self.free} free")
-        self.held[request] = max(wanted, self.held.get(request, 0))
+        self.held[request] = have + extra
+        self.used += extra
 
     def release(self, request: int) -> None:
-        self.held.pop(request, None)
+        self.used -= self.held.pop(request, 0)

@@ -27,7 +27,10 @@ def run_serving(hw: str | Path, model: str, spec: RequestSpec, options: Options,
     cfg = resolve_model(model, model_set, None)
     requests = make_requests(spec)
     devices = tp * pp
-    timer = StepTimer(str(hw), cfg, options.bucket, devices, tp=tp, pp=pp, runtime=runtime)
+    if system is None:  # one chip: the same machine object for every step (its memos)
+        timer = StepTimer(chip, cfg, options.bucket, devices)
+    else:
+        timer = StepTimer(str(hw), cfg, options.bucket, devices, tp=tp, pp=pp, runtime=runtime)
     positions = cfg.position_limit
     result = serve(timer, requests, options, chip.memory.dram.capacity, positions,
                    chip.power.idle)

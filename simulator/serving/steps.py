@@ -49,7 +49,7 @@ class StepTimer:
         if key not in self.memo:
             shape = {"prompt": length} if phase == "prefill" else {"context": length}
             self.memo[key] = simulate(self.hw, self.model, phase=phase, batch=batch,
-                                      **shape, **self.run)
+                                      derive=True, detail=False, **shape, **self.run)
         return self.memo[key]
 
     def prefill(self, prompts: Sequence[int]) -> StepCost:

@@ -63,14 +63,27 @@ def _key(cfg: AnyModel, phase: Phase, batch: int, context: int, prompt: int) -> 
 
 
 def get_trace(cfg: AnyModel, phase: Phase, batch: int, context: int, prompt: int,
-              use_cache: bool = True) -> Trace:
+              use_cache: bool = True, derive: bool = False) -> Trace:
     """The trace of one step, from the cache when present, else captured (and cached).
+    `derive`: derived from captures of other shapes where the model allows it
+    (simulator.workload.reshape; bit for bit the capture), and not cached on disk.
 
     Every simulated model passes here, so here its positional limit is enforced."""
     cfg.check_positions(phase, context, prompt)
     path = cache_dir() / f"{_key(cfg, phase, batch, context, prompt)}.json"
     if use_cache and (known := _RECENT.get(path)) is not None:
         return known
+    if derive and use_cache and not path.is_file():
+        from simulator.workload.reshape import derived
+
+        def capture(kind: str, b: int, n: int) -> Trace:
+            return get_trace(cfg, kind, b, n if kind == "decode" else 0,  # type: ignore[arg-type]
+                             n if kind == "prefill" else 0)
+
+        length = context if phase == "decode" else prompt
+        trace = derived(cfg.key(), phase, batch, length, capture, cfg.position_limit)
+        if trace is not None:
+            return _remember(path, trace)
     if use_cache and path.is_file():
         try:
             return _remember(path, Trace.load(path))

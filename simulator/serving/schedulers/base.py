@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,6 +64,7 @@ class Scheduler:
         """Take the step's completed sequences out (their KV blocks freed) and return them."""
         raise NotImplementedError
 
-    def arrived(self, now: float) -> list[Running]:
-        """The waiting requests that have arrived by `now`, in order."""
-        return [seq for seq in self.waiting if seq.request.arrival_s <= now]
+    def arrived(self, now: float) -> Iterator[Running]:
+        """The waiting requests that have arrived by `now`, in order (the loop queues a
+        request only once it has arrived: all of them)."""
+        return iter(self.waiting)

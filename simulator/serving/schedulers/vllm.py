@@ -36,26 +36,27 @@ class Vllm(Scheduler):
             admitted.append(seq)
             tokens += length
         if admitted:
-            for seq in admitted:
-                self.waiting.remove(seq)
+            for seq in admitted:  # the head of the queue
+                self.waiting.popleft()
                 if seq.scheduled_s is None:
                     seq.scheduled_s = now
             self.running.extend(admitted)
             return Step("prefill", tuple(admitted))
         if not self.running:
             return None
-        while True:  # room for every running sequence's next token, or preempt the newest
-            short = sum(self.kv.grow_needs_block(s.request.id, s.cached + 1)
-                        for s in self.running)
-            if short <= self.kv.free or len(self.running) == 1:
-                break
+        kv, size, held = self.kv, self.kv.block_size, self.kv.held
+        # the sequences whose next token needs one more block than they hold
+        growing = [s for s in self.running if held[s.request.id] * size < s.cached + 1]
+        while len(growing) > kv.free and len(self.running) > 1:  # preempt the newest
             victim = self.running.pop()
-            self.kv.release(victim.request.id)
+            kv.release(victim.request.id)
             victim.preemptions += 1
             self.preemptions += 1
             self.waiting.appendleft(victim)
-        for seq in self.running:
-            self.kv.hold(seq.request.id, seq.cached + 1)
+            if growing and growing[-1] is victim:
+                growing.pop()
+        for seq in growing:
+            kv.hold(seq.request.id, seq.cached + 1)
         return Step("decode", tuple(self.running))
 
     def finished(self, step: Step, now: float) -> list[Running]:
