@@ -550,6 +550,9 @@ def _serve(argv: Sequence[str]) -> int:
                         help="count requests that can never fit as rejected, not an error")
     parser.add_argument("--slo-ttft", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--slo-tpot", type=float, default=None, metavar="SECONDS")
+    parser.add_argument("--instance-overhead", type=float, default=0.0, metavar="SHARE",
+                        help="instances: a round of k costs (1 + SHARE × (k − 1)) × its "
+                             "steps (an assumption; default 0)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--runtime", default=None, choices=("eager", "cuda_graphs"))
@@ -562,6 +565,10 @@ def _serve(argv: Sequence[str]) -> int:
                              ("--kv-blocks", args.kv_blocks, 1)):
         if value is not None and value < low:
             raise UserError(flag, f"expected a whole number ≥ {low}, not {value}")
+    if not 0 <= args.instance_overhead < 10 or (args.scheduler != "instances"
+                                                 and args.instance_overhead):
+        raise UserError("--instance-overhead", "expected a share ≥ 0 (below 10), with "
+                                               "--scheduler instances")
     if not 0 < args.memory_fraction <= 1:
         raise UserError("--memory-fraction", f"expected a share in (0, 1], not "
                                              f"{args.memory_fraction}")
@@ -596,7 +603,7 @@ def _serve(argv: Sequence[str]) -> int:
     spec = load_spec(data, f"--requests {args.requests}" if args.requests else "requests")
     options = Options(args.scheduler, args.max_sequences, args.max_tokens, args.block_size,
                       args.kv_blocks, args.memory_fraction, args.bucket, args.reject,
-                      args.slo_ttft, args.slo_tpot)
+                      args.slo_ttft, args.slo_tpot, args.instance_overhead)
     result = run_serving(args.hw, args.model, spec, options,
                          model_set=_pairs(args.model_set, "--model-set", False), tp=args.tp,
                          pp=args.pp, runtime=args.runtime)

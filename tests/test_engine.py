@@ -142,3 +142,27 @@ def test_recurring_ops_are_mapped_once_with_their_own_identity() -> None:
     assert [task.op for task in tasks] == list(trace.ops)
     assert [task.stages for task in tasks] == [
         map_op(o, hw, "tensor", 1, 8).stages for o in trace.ops]
+
+
+def test_what_a_machine_keeps_across_calls_does_not_change_results() -> None:
+    """Mapped ops and ops run alone are kept per machine object (simulator.engine.memo): a
+    step simulated after others, on a fresh machine, and without detail agrees bit for bit."""
+    from simulator.api import simulate
+    from simulator.engine import memo
+    from simulator.hardware import load_hardware
+    def to_json(result: Any) -> str:
+        return result.to_json(with_ops=True)
+
+    hw = load_hardware("gpu_a100.yaml")
+    first = to_json(simulate(hw, "tiny-llama", phase="decode", batch=4, context=200))
+    for batch, context in ((4, 120), (3, 200), (8, 64)):
+        simulate(hw, "tiny-llama", phase="decode", batch=batch, context=context)
+    again = simulate(hw, "tiny-llama", phase="decode", batch=4, context=200)
+    assert to_json(again) == first
+    fresh = load_hardware("gpu_a100.yaml")
+    assert to_json(simulate(fresh, "tiny-llama", phase="decode", batch=4, context=200)) == first
+    assert memo.table(fresh, "alone") is not memo.table(hw, "alone")
+    lean = simulate(hw, "tiny-llama", phase="decode", batch=4, context=200, detail=False)
+    assert lean.ops == () and lean.layers == ()
+    assert (lean.latency_s, lean.energy_j, lean.events) == (
+        again.latency_s, again.energy_j, again.events)

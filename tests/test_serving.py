@@ -88,6 +88,9 @@ def test_the_same_seed_gives_byte_identical_json(capsys: pytest.CaptureFixture[s
     (["--rate", "4", "--kv-blocks", "0"], "--kv-blocks"),
     (["--rate", "4", "--scheduler", "fifo"], "--scheduler"),
     (["--rate", "4", "--memory-fraction", "1.5"], "--memory-fraction"),
+    (["--rate", "4", "--instance-overhead", "0.2"], "--instance-overhead"),
+    (["--rate", "4", "--scheduler", "instances", "--instance-overhead", "-1"],
+     "--instance-overhead"),
 ])
 def test_bad_serving_input_is_one_line(extra: list[str], flag: str,
                                        capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,3 +107,32 @@ def test_requests_that_can_never_fit_are_counted_when_asked() -> None:
                   kv_blocks=64, reject=True)
     assert done.summary["rejected"] + done.summary["requests"] == 3
     assert done.summary["rejected"] >= 1
+
+
+def test_one_instance_is_one_request_on_the_vllm_server() -> None:
+    spec = {"arrival": "burst", "num_requests": 1, "prompt": 40, "output": 6}
+    alone = _serve(spec, scheduler="instances", bucket=1).requests[0]
+    assert alone == _serve(spec, scheduler="vllm", bucket=1).requests[0]
+
+
+def test_instances_take_turns_on_the_device() -> None:
+    """k equal requests in k instances: each round runs k batch-one steps one after another,
+    so everything takes k times one request's time, and all finish together."""
+    one = {"arrival": "burst", "num_requests": 1, "prompt": 40, "output": 6}
+    single = _serve(one, scheduler="instances").summary["makespan_s"]
+    four = _serve({**one, "num_requests": 4}, scheduler="instances")
+    assert four.summary["makespan_s"] == pytest.approx(4 * single, rel=1e-12)
+    assert {row["e2e_s"] for row in four.requests} == {four.summary["makespan_s"]}
+    fused = _serve({**one, "num_requests": 4}, scheduler="orca").summary["makespan_s"]
+    assert fused < 1.2 * single  # one fused step costs about one batch-one step
+    stretched = _serve({**one, "num_requests": 4}, scheduler="instances",
+                       instance_overhead=0.1).summary["makespan_s"]
+    assert stretched == pytest.approx(1.3 * four.summary["makespan_s"], rel=1e-12)
+
+
+def test_orca_reserves_whole_sequences_and_never_preempts() -> None:
+    spec = {"arrival": "burst", "num_requests": 24, "prompt": 48, "output": 80}
+    done = _serve(spec, scheduler="orca", kv_blocks=40, block_size=16)
+    assert done.summary["preemptions"] == 0 and done.summary["requests"] == 24
+    assert done.summary["mean_batch"] <= 5  # 40 blocks hold 5 whole 128-token sequences
+    assert done.summary["kv_utilisation"]["max"] <= 1.0

@@ -17,8 +17,8 @@ from simulator.errors import UserError
 from simulator.serving.kvcache import BlockManager
 from simulator.serving.metrics import per_request, spread
 from simulator.serving.requests import Request
-from simulator.serving.schedulers import SCHEDULERS, Running
-from simulator.serving.steps import StepTimer
+from simulator.serving.schedulers import SCHEDULERS, Running, Step
+from simulator.serving.steps import StepCost, StepTimer
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Options:
     reject: bool = False
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
+    #: instances: a round of k costs (1 + this × (k − 1)) × its steps (an assumption)
+    instance_overhead: float = 0.0
 
 
 @dataclass
@@ -43,7 +45,8 @@ class ServeResult:
 
     summary: dict[str, Any]
     requests: list[dict[str, float | int]]
-    #: (time s, requests in the server, KV blocks used) as each step or idle gap begins
+    #: (time s, requests in the server, KV blocks used) as a step or idle gap begins where
+    #: the number of requests changed (the count is constant in between: areas are exact)
     timeline: list[tuple[float, int, int]] = field(default_factory=list)
 
 
@@ -67,6 +70,19 @@ def kv_capacity(timer: StepTimer, options: Options, capacity_bytes: float,
                                    f"({left / 2**30:.2f} GiB after weights and activations); "
                                    "expected a smaller model, more devices, or --kv-blocks")
     return blocks, per_token
+
+
+def _cost(timer: StepTimer, step: Step, overhead: float) -> StepCost:
+    """What `step` takes: one batch step, or a round of batch-one instance steps."""
+    if step.kind == "prefill":
+        return timer.prefill([s.request.prompt + s.generated for s in step.sequences])
+    if step.kind == "decode":
+        return timer.decode([s.cached for s in step.sequences])
+    costs = [timer.prefill([s.request.prompt]) if s.generated == 0 else timer.decode([s.cached])
+             for s in step.sequences]
+    stretch = 1.0 + overhead * (len(costs) - 1)
+    return StepCost(stretch * sum(c.latency_s for c in costs),
+                    sum(c.energy_j for c in costs))
 
 
 def serve(timer: StepTimer, requests: list[Request], options: Options,
@@ -95,23 +111,25 @@ def serve(timer: StepTimer, requests: list[Request], options: Options,
     now, energy, busy = 0.0, 0.0, 0.0
     done: list[Running] = []
     timeline: list[tuple[float, int, int]] = []
-    steps = {"prefill": 0, "decode": 0}
+    steps = {"prefill": 0, "decode": 0, "instances": 0}
     tokens_in_batches = 0
     kv_time = 0.0  # ∫ used blocks dt
+    kv_peak = 0
 
     while pending or scheduler.waiting or scheduler.running:
         while pending and pending[0].request.arrival_s <= now:
             scheduler.waiting.append(pending.popleft())
         step = scheduler.next_step(now)
-        timeline.append((now, len(scheduler.waiting) + len(scheduler.running), kv.used))
+        inside = len(scheduler.waiting) + len(scheduler.running)
+        if not timeline or timeline[-1][1] != inside:
+            timeline.append((now, inside, kv.used))
+        kv_peak = max(kv_peak, kv.used)
         if step is None:
             if not pending:
                 raise RuntimeError("the scheduler stalled with requests waiting")
             now = pending[0].request.arrival_s
             continue
-        lengths = ([s.request.prompt + s.generated for s in step.sequences]
-                   if step.kind == "prefill" else [s.cached for s in step.sequences])
-        cost = timer.prefill(lengths) if step.kind == "prefill" else timer.decode(lengths)
+        cost = _cost(timer, step, options.instance_overhead)
         used = kv.used
         now += cost.latency_s
         energy += cost.energy_j
@@ -149,7 +167,7 @@ def serve(timer: StepTimer, requests: list[Request], options: Options,
         "kv_blocks": blocks, "kv_block_size": options.block_size,
         "kv_bytes_per_token": per_token,
         "kv_utilisation": {"mean": kv_time / busy / blocks if busy else 0.0,
-                           "max": max((b for *_, b in timeline), default=0) / blocks},
+                           "max": kv_peak / blocks},
         "steps": steps, "mean_batch": tokens_in_batches / max(1, sum(steps.values())),
         "bucket_tokens": options.bucket, "engine_runs": len(timer.memo),
     }

@@ -9,10 +9,11 @@ Lagrange interpolation in integers, where the ops, their order, names and depend
 not change with the shape.
 
 That is checked, not assumed: a model is derived from only when two more captures (one
-small, one at the model's longest sequence: a sliding window shows there) come out of the interpolation bit for bit,
-and a derived count that is not a whole number refuses the shape. A model whose trace is
-not such a polynomial (MoE routing counts, a sliding window) fails the check and is then
-captured shape by shape. Serving (simulator.serving.steps) asks for hundreds of shapes of
+small, one at the model's longest sequence: a sliding window shows there) come out of the
+interpolation bit for bit; a derived count that is not a whole number refuses the shape;
+steps shorter than `MIN_LENGTH` are captured. A model whose trace is not one polynomial
+(MoE routing counts, a sliding window, a count that is the larger of two) fails the check
+and is captured shape by shape. Serving (simulator.serving.steps) asks for hundreds of shapes of
 one model; each would otherwise cost a capture (≈ 1 s for a 32-layer model).
 """
 

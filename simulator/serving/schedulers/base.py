@@ -36,9 +36,10 @@ class Running:
 @dataclass(frozen=True)
 class Step:
     """One forward: prefill `sequences` (their prompts, plus outputs made before a
-    preemption, recomputed), or one decode token for each."""
+    preemption, recomputed), or one decode token for each; or a round of instances (each
+    sequence its own batch-one step: its prefill, or its next token)."""
 
-    kind: Literal["prefill", "decode"]
+    kind: Literal["prefill", "decode", "instances"]
     sequences: tuple[Running, ...]
 
 
