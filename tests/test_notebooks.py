@@ -13,7 +13,8 @@ NOTEBOOKS = sorted(FOLDER.glob("*.ipynb"))
 
 #: figures each notebook must (re)write (under reports/, or SIMULATE_REPORTS_DIR)
 FIGURES = {"design_space.ipynb": ["design_space_pareto.png", "design_space_tokens_per_joule.png",
-                                  "design_space_roofline.png", "design_space_layers.png"]}
+                                  "design_space_roofline.png", "design_space_layers.png"],
+           "serving.ipynb": ["serving_cdf.png", "serving_rate.png", "serving_flover.png"]}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -43,7 +43,7 @@ Metric = Literal["block_latency_s", "blocks_latency_s", "blocks_tokens_per_s", "
                  "tokens_per_s", "power_w", "energy_per_token_j", "memory_bytes",
                  "input_vector_transfer_s", "tflops", "latency_ratio", "memory_ratio",
                  "bandwidth_bytes_per_s", "block_latency_ratio", "alltoall_time_ratio",
-                 "generate_latency_s"]
+                 "generate_latency_s", "serving_latency_s", "serving_speedup"]
 Role = Literal["fitted", "held-out", "consistency", "projection", "open", "report"]
 ROLES: tuple[Role, ...] = ("fitted", "held-out", "consistency", "projection", "open", "report")
 #: The standard gate of each gated role (a wider one needs a `gate_reason`).
@@ -51,7 +51,7 @@ GATES: dict[str, float] = {"fitted": 0.10, "held-out": 0.15, "consistency": 0.15
 #: Metrics computed from others by a formula: a case comparing one names it and its source.
 DERIVED = {"tflops", "tokens_per_s", "blocks_tokens_per_s", "energy_per_token_j",
            "latency_ratio", "memory_ratio", "bandwidth_bytes_per_s", "block_latency_ratio",
-           "alltoall_time_ratio"}
+           "alltoall_time_ratio", "serving_speedup"}
 #: What a kernel case may measure.
 KERNEL_METRICS = ("tflops", "latency_s", "bandwidth_bytes_per_s")
 
@@ -95,6 +95,19 @@ class Versus(BaseModel):
     ep_mode: Literal["combine", "coherent"] | None = None
 
 
+class Serving(BaseModel):
+    """A request stream through `simulate serve` (the serving metrics): its makespan
+    (serving_latency_s), or the `baseline` scheduler's over this one's (serving_speedup)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheduler: str
+    baseline: str | None = None
+    requests: dict[str, Any] = Field(description="the request spec (serving.requests)")
+    instance_overhead: float = 0.0
+    bucket: int = 16
+
+
 class Case(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -123,6 +136,8 @@ class Case(BaseModel):
     tp: int = 1
     #: generate_latency_s: tokens generated after the prompt (one decode step each)
     generate: int = 0
+    #: serving metrics: the request stream and its schedulers
+    serving: Serving | None = None
     metric: Metric
     reference: float
     source: str
@@ -325,6 +340,34 @@ def _generate_s(case: Case) -> float:
     return prefill + n * (steps[0] + 4 * steps[1] + steps[2]) / 6
 
 
+def _makespan_s(case: Case, scheduler: str) -> float:
+    from simulator.serving.loop import Options
+    from simulator.serving.requests import load_spec
+    from simulator.serving.serve import run_serving
+
+    assert case.serving is not None
+    spec = load_spec(case.serving.requests, f"{case.id}: serving.requests")
+    options = Options(scheduler=scheduler, bucket=case.serving.bucket,
+                      instance_overhead=(case.serving.instance_overhead
+                                         if scheduler == "instances" else 0.0))
+    done = run_serving(case.hardware, case.model, spec, options,
+                       model_set=_strings(case.model_set), tp=case.tp, runtime=case.runtime)
+    return float(done.summary["makespan_s"])
+
+
+def _serving(case: Case) -> float:
+    """First arrival to last completion of the case's requests (serving_latency_s), or the
+    baseline scheduler's over the case's scheduler's (serving_speedup)."""
+    if case.serving is None:
+        raise UserError(case.id, f"{case.metric} needs 'serving'")
+    mine = _makespan_s(case, case.serving.scheduler)
+    if case.metric == "serving_latency_s":
+        return mine
+    if case.serving.baseline is None:
+        raise UserError(case.id, "serving_speedup needs 'serving.baseline'")
+    return _makespan_s(case, case.serving.baseline) / mine
+
+
 def _alltoall_s(result: Result) -> float:
     """Seconds of all-to-all on one device's path through the step."""
     if result.system is None:
@@ -342,6 +385,8 @@ def measure(case: Case) -> float:
         return _kernel(case, case.kernel)
     if case.metric == "input_vector_transfer_s":
         return _host_transfer_s(case)
+    if case.metric in ("serving_latency_s", "serving_speedup"):
+        return _serving(case)
     if case.metric == "generate_latency_s":
         if case.generate < 1:
             raise UserError(case.id, "generate_latency_s needs 'generate', the tokens made")
