@@ -4,7 +4,8 @@ A serving step is one forward of the model over a batch: a prefill of some promp
 decode token for each of some running sequences. Its time, energy and memory come from the
 same simulation as `simulate` (simulator.api) on the same machine and parallelism, memoized
 by the step's signature: the phase, the number of sequences, and their mean length rounded
-up to a multiple of `bucket` tokens (bucket 1: the exact mean, rounded up). A batch of
+up to a multiple of `bucket` tokens, or of a smaller power of two on short steps so that
+the rounding stays within 1/16 of the length (bucket 1: the exact mean, rounded up). A batch of
 unequal prompts is timed as that many prompts of their mean length (their tokens kept; the
 attention pairs of unequal lengths, Σp², are then under-counted).
 """
@@ -38,9 +39,12 @@ class StepTimer:
         self.memo: dict[tuple[str, int, int], Result] = {}
 
     def length(self, lengths: Sequence[int]) -> int:
-        """The bucketed mean length of a step's sequences."""
-        mean = math.ceil(sum(lengths) / len(lengths))
-        return max(1, math.ceil(mean / self.bucket) * self.bucket)
+        """The bucketed mean length of a step's sequences: rounded up to a multiple of the
+        bucket, or of a power of two at most 1/16 of the length where that is smaller (a
+        short prompt is timed at its own length, within 1/16 of it)."""
+        mean = max(1, math.ceil(sum(lengths) / len(lengths)))
+        width = min(self.bucket, 1 << max(0, (mean // 16).bit_length() - 1))
+        return math.ceil(mean / width) * width
 
     def result(self, phase: str, batch: int, length: int) -> Result:
         from simulator.api import simulate
