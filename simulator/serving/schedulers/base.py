@@ -62,8 +62,15 @@ class Scheduler:
         raise NotImplementedError
 
     def finished(self, step: Step, now: float) -> list[Running]:
-        """Take the step's completed sequences out (their KV blocks freed) and return them."""
-        raise NotImplementedError
+        """Take the step's completed sequences out (their KV blocks freed) and return them;
+        by default each leaves as soon as it is done."""
+        done = [seq for seq in self.running if seq.done]
+        for seq in done:
+            seq.finish_s = now
+            self.kv.release(seq.request.id)
+        if done:
+            self.running = [seq for seq in self.running if not seq.done]
+        return done
 
     def arrived(self, now: float) -> Iterator[Running]:
         """The waiting requests that have arrived by `now`, in order (the loop queues a

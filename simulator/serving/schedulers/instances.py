@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator.serving.schedulers.base import Running, Scheduler, Step
+from simulator.serving.schedulers.base import Scheduler, Step
 
 
 @dataclass
@@ -34,11 +34,3 @@ class Instances(Scheduler):
             seq.scheduled_s = now
             self.running.append(seq)
         return Step("instances", tuple(self.running)) if self.running else None
-
-    def finished(self, step: Step, now: float) -> list[Running]:
-        done = [seq for seq in self.running if seq.done]
-        for seq in done:
-            seq.finish_s = now
-            self.kv.release(seq.request.id)
-        self.running = [seq for seq in self.running if not seq.done]
-        return done

@@ -38,11 +38,3 @@ class Orca(Scheduler):
             self.running.extend(admitted)
             return Step("prefill", tuple(admitted))
         return Step("decode", tuple(self.running)) if self.running else None
-
-    def finished(self, step: Step, now: float) -> list[Running]:
-        done = [seq for seq in self.running if seq.done]
-        for seq in done:
-            seq.finish_s = now
-            self.kv.release(seq.request.id)
-        self.running = [seq for seq in self.running if not seq.done]
-        return done

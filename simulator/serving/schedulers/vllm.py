@@ -58,11 +58,3 @@ class Vllm(Scheduler):
         for seq in growing:
             kv.hold(seq.request.id, seq.cached + 1)
         return Step("decode", tuple(self.running))
-
-    def finished(self, step: Step, now: float) -> list[Running]:
-        done = [seq for seq in self.running if seq.done]
-        for seq in done:
-            seq.finish_s = now
-            self.kv.release(seq.request.id)
-            self.running.remove(seq)
-        return done
