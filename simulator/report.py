@@ -196,9 +196,8 @@ def build_result(hw: Hardware, trace: Trace, tasks: list[Task], timeline: Timeli
     latency = timeline.makespan_ns * 1e-9
     static_w = energy.static_j / latency if latency else 0.0
     dynamic: dict[str, float] = {}
-    for op, joules in zip(trace.ops, energy.per_op_j, strict=True):
-        if detail:
-            dynamic[op.layer] = dynamic.get(op.layer, 0.0) + joules
+    for op, joules in zip(trace.ops, energy.per_op_j, strict=True) if detail else ():
+        dynamic[op.layer] = dynamic.get(op.layer, 0.0) + joules
     layers = tuple(LayerResult(name, lat, dynamic.get(name, 0.0) + static_w * lat)
                    for name, lat, _ in _layer_latencies(trace, timeline)) if detail else ()
     ops = () if not detail else tuple(

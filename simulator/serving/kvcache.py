@@ -22,10 +22,6 @@ class BlockManager:
         """Whether a new sequence of `tokens` fits, leaving `reserve` blocks free."""
         return self.need(tokens) <= self.free - reserve
 
-    def grow_needs_block(self, request: int, tokens: int) -> bool:
-        """Whether `request`, reaching `tokens`, needs one more block than it holds."""
-        return self.need(tokens) > self.held.get(request, 0)
-
     def hold(self, request: int, tokens: int) -> None:
         """Give `request` the blocks for `tokens` (it may already hold some)."""
         have = self.held.get(request, 0)

@@ -19,7 +19,6 @@ one model; each would otherwise cost a capture (≈ 1 s for a 32-layer model).
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -187,20 +186,20 @@ def checked_reshaper(phase: Phase, capture: Capture, longest: int | None
     return reshaper
 
 
-@functools.lru_cache(maxsize=16)
-def _reshapers(model_key: str, phase: Phase) -> list[Reshaper | None]:
-    """One slot per (model, phase): filled on first use (see `derived`)."""
-    return []
+#: (model key, phase) → its Reshaper, or None where it is not derivable (the last few).
+_RESHAPERS: dict[tuple[str, str], Reshaper | None] = {}
+_KEEP = 16
 
 
 def derived(model_key: str, phase: Phase, batch: int, length: int, capture: Capture,
             longest: int | None) -> Trace | None:
     """The trace of (`phase`, `batch`, `length`) derived from `capture`s of the model keyed
     `model_key`; None where the model's traces are not derivable (capture it instead)."""
-    slot = _reshapers(model_key, phase)
-    if not slot:
-        slot.append(checked_reshaper(phase, capture, longest))
-    reshaper = slot[0]
+    if (model_key, phase) not in _RESHAPERS:
+        _RESHAPERS[model_key, phase] = checked_reshaper(phase, capture, longest)
+        while len(_RESHAPERS) > _KEEP:
+            del _RESHAPERS[next(iter(_RESHAPERS))]
+    reshaper = _RESHAPERS[model_key, phase]
     if reshaper is None or length < MIN_LENGTH:
         return None
     try:

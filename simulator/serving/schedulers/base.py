@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,7 +45,8 @@ class Step:
 @dataclass
 class Scheduler:
     """A batching policy; `max_sequences` caps a step's batch and `max_tokens` a prefill's
-    tokens."""
+    tokens. `waiting` holds requests that have arrived (the loop queues them as they do),
+    in order."""
 
     kv: BlockManager
     max_sequences: int = 256
@@ -71,8 +71,3 @@ class Scheduler:
         if done:
             self.running = [seq for seq in self.running if not seq.done]
         return done
-
-    def arrived(self, now: float) -> Iterator[Running]:
-        """The waiting requests that have arrived by `now`, in order (the loop queues a
-        request only once it has arrived: all of them)."""
-        return iter(self.waiting)

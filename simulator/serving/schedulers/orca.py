@@ -22,7 +22,7 @@ class Orca(Scheduler):
     def next_step(self, now: float) -> Step | None:
         admitted: list[Running] = []
         tokens = 0
-        for seq in self.arrived(now):
+        for seq in self.waiting:
             whole = seq.request.prompt + seq.request.output
             if (len(self.running) + len(admitted) >= self.max_sequences
                     or (admitted and tokens + seq.request.prompt > self.max_tokens)

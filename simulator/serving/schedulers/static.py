@@ -20,7 +20,7 @@ class Static(Scheduler):
         if self.running:
             return Step("decode", tuple(self.running))
         batch: list[Running] = []
-        for seq in self.arrived(now):
+        for seq in self.waiting:
             whole = seq.request.prompt + seq.request.output
             if len(batch) >= self.max_sequences or not self.kv.can_hold(whole):
                 break

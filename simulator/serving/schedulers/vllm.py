@@ -26,7 +26,7 @@ class Vllm(Scheduler):
         reserve = int(self.watermark * self.kv.blocks)
         admitted: list[Running] = []
         tokens = 0
-        for seq in self.arrived(now):
+        for seq in self.waiting:
             length = seq.request.prompt + seq.generated
             if (len(self.running) + len(admitted) >= self.max_sequences
                     or (admitted and tokens + length > self.max_tokens)
