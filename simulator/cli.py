@@ -483,14 +483,19 @@ def _sweep(argv: Sequence[str]) -> int:
     parser.add_argument("--scheduler", default=None, help="Dask scheduler address")
     parser.add_argument("--workers", type=int, default=None, help="local processes")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--plot", action="store_true", help="write DIR/pareto.png")
+    parser.add_argument("--plot", action="store_true",
+                        help="write DIR/pareto.png (a serving sweep: DIR/serving_rate.png)")
     args = parser.parse_args(argv)
-    from simulator.sweep import load, run_sweep
+    from simulator.sweep import load, load_spec, run_sweep
 
     table = run_sweep(args.spec, args.out, args.scheduler, args.workers,
                       progress=not args.no_progress)
     print(f"results: {table}")
-    if args.plot:
+    if args.plot and load_spec(args.spec).serve is not None:
+        from simulator.serving.figures import save_rate_curve
+
+        print(f"plot: {save_rate_curve(load(args.out), args.out)}")
+    elif args.plot:
         from simulator.plots import save_pareto
 
         print(f"plot: {save_pareto(load(args.out), args.out)}")
@@ -512,7 +517,7 @@ def _help(argv: Sequence[str]) -> int:
 
 
 def _serve(argv: Sequence[str]) -> int:
-    from simulator.serving.loop import Options
+    from simulator.serving.loop import ROUTERS, Options
     from simulator.serving.schedulers import SCHEDULERS
 
     parser = _Parser(prog="simulate serve", description="Serve a stream of requests with a "
@@ -555,10 +560,19 @@ def _serve(argv: Sequence[str]) -> int:
                              "steps (an assumption; default 0)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="copies of the model, each on its own tp × pp devices")
+    parser.add_argument("--router", default="round_robin", choices=ROUTERS,
+                        help="how arrivals are spread over replicas")
     parser.add_argument("--runtime", default=None, choices=("eager", "cuda_graphs"))
     parser.add_argument("--format", default="table", choices=("table", "json", "csv"))
+    parser.add_argument("--perfetto", metavar="FILE.json", default=None,
+                        help="write a Perfetto trace: a track per replica and per request")
+    parser.add_argument("--plot", metavar="DIR", default=None,
+                        help="write DIR/serving_cdf.png and DIR/serving_over_time.png")
     args = parser.parse_args(argv)
     for flag, value, low in (("--max-sequences", args.max_sequences, 1),
+                             ("--replicas", args.replicas, 1),
                              ("--max-tokens", args.max_tokens, 1),
                              ("--block-size", args.block_size, 1),
                              ("--bucket", args.bucket, 1),
@@ -572,6 +586,7 @@ def _serve(argv: Sequence[str]) -> int:
     if not 0 < args.memory_fraction <= 1:
         raise UserError("--memory-fraction", f"expected a share in (0, 1], not "
                                              f"{args.memory_fraction}")
+    from simulator.files import check_output_file, check_output_folder, write_atomic
     from simulator.serving.requests import load_spec
     from simulator.serving.serve import rows, run_serving, to_csv, to_json
     from simulator.yamlfile import load_yaml
@@ -601,12 +616,30 @@ def _serve(argv: Sequence[str]) -> int:
         data.setdefault("prompt", "trace")
         data.setdefault("output", "trace")
     spec = load_spec(data, f"--requests {args.requests}" if args.requests else "requests")
+    if args.perfetto is not None:
+        check_output_file(args.perfetto, "--perfetto")
+    if args.plot is not None:
+        check_output_folder(args.plot, "--plot")
     options = Options(args.scheduler, args.max_sequences, args.max_tokens, args.block_size,
                       args.kv_blocks, args.memory_fraction, args.bucket, args.reject,
-                      args.slo_ttft, args.slo_tpot, args.instance_overhead)
+                      args.slo_ttft, args.slo_tpot, args.instance_overhead, args.replicas,
+                      args.router, record_steps=bool(args.perfetto or args.plot))
     result = run_serving(args.hw, args.model, spec, options,
                          model_set=_pairs(args.model_set, "--model-set", False), tp=args.tp,
                          pp=args.pp, runtime=args.runtime)
+    interrupted = bool(result.summary.get("interrupted"))
+    if not interrupted:  # an interrupted run writes no files: only its partial summary
+        title = (f"{result.summary['model']}, {result.summary['scheduler']} on "
+                 f"{result.summary['machine']}")
+        if args.perfetto is not None:
+            from simulator.serving.perfetto import to_json as trace_json
+
+            write_atomic(args.perfetto, trace_json(result, title), "--perfetto")
+        if args.plot is not None:
+            from simulator.serving.figures import save_serving_plots
+
+            for path in save_serving_plots(result, args.plot, title):
+                print(f"plot: {path}", file=sys.stderr)
     if args.format == "json":
         print(to_json(result))
     elif args.format == "csv":
@@ -619,6 +652,10 @@ def _serve(argv: Sequence[str]) -> int:
         for name, value in rows(result):
             table.add_row(name, value)
         Console().print(table)
+    if interrupted:
+        print(f"simulate serve: interrupted; {result.summary['unfinished']} requests "
+              "unfinished, no files written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -3,13 +3,17 @@
     simulate sweep SPEC.yaml --out DIR [--scheduler ADDRESS] [--workers N]
 
 A spec names hardware files, a grid of dotted YAML paths (values with units), models,
-phases, batch sizes and mappings; every combination is a point. Each finished point is
-appended to DIR/points.jsonl at once (flushed and synced), so a sweep killed at any moment
-loses nothing it finished and, started again, skips those points; a torn last line is
-dropped. The table DIR/results.csv (one row per point, in spec order) is written whole at
-the end. Points that do not fit the machine, or ask for a mapping it does not declare
-(`scheduling.mappings`), are recorded as infeasible, not dropped. DIR is created if its
-parent folder exists. Local processes by default; a Dask cluster with `--scheduler`.
+phases, batch sizes and mappings; every combination is a point. A spec with a `serve`
+block is a serving sweep instead: hardware × grid × models × schedulers × replicas ×
+arrival rates, each point a `simulate serve` run of the block's request workload at that
+rate (the throughput–latency curve), its row the run's throughput and latency percentiles.
+Each finished point is appended to DIR/points.jsonl at once (flushed and synced), so a
+sweep killed at any moment loses nothing it finished and, started again, skips those
+points; a torn last line is dropped. The table DIR/results.csv (one row per point, in spec
+order) is written whole at the end. Points that do not fit the machine, or ask for a
+mapping it does not declare (`scheduling.mappings`), are recorded as infeasible, not
+dropped. DIR is created if its parent folder exists. Local processes by default; a Dask
+cluster with `--scheduler`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from simulator.errors import Infeasible, UserError, first_error
 from simulator.files import output_folder, write_atomic
@@ -36,6 +47,59 @@ COLUMNS = ("key", "hardware", "settings", "model", "phase", "batch", "context", 
            "mapping", "status", "message", "latency_s", "tokens_per_s", "power_w",
            "energy_per_token_j", "memory_bytes", "weights_bytes", "dram_bytes", "moe_routing",
            "expert_imbalance")
+
+
+SERVE_COLUMNS = ("key", "hardware", "settings", "model", "scheduler", "replicas", "rate",
+                 "rate_per_s", "status", "message", "requests", "requests_per_s",
+                 "output_tokens_per_s",
+                 "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s",
+                 "e2e_p99_s", "queue_p99_s", "preemptions", "energy_per_output_token_j",
+                 "power_w", "makespan_s")
+
+
+class ServeAxes(BaseModel):
+    """A serving sweep: the request workload (as `simulate serve --requests`, its rate
+    set per point) and the axes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests: dict[str, Any] = Field(description="request spec (simulator/serving/requests.py)")
+    #: arrival rates with their unit ('4 /s', '240 /min')
+    rates: list[str] = Field(min_length=1)
+    schedulers: list[str] = Field(default=["vllm"], min_length=1)
+    replicas: list[int] = Field(default=[1], min_length=1)
+    tp: int = Field(default=1, ge=1, strict=True)
+    pp: int = Field(default=1, ge=1, strict=True)
+    runtime: Literal["eager", "cuda_graphs"] | None = None
+    #: serving options (simulator.serving.loop.Options fields), the same for every point
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("rates")
+    @classmethod
+    def _rates_have_units(cls, rates: list[str]) -> list[str]:
+        from simulator.units import UnitError, parse
+
+        for rate in rates:
+            try:
+                value = parse(rate, "frequency")
+            except UnitError as exc:
+                raise ValueError(f"{rate!r}: expected a rate with its unit, e.g. '4 /s' "
+                                 f"({exc})") from None
+            if not value > 0:
+                raise ValueError(f"{rate!r}: expected a rate above zero")
+        return rates
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        from simulator.serving.loop import Options
+
+        fields = set(Options.__dataclass_fields__) - {"scheduler", "replicas", "record_steps"}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r}; expected one of "
+                             f"{', '.join(sorted(fields))}")
+        return options
 
 
 class Spec(BaseModel):
@@ -57,6 +121,17 @@ class Spec(BaseModel):
     moe_routing: list[str | None] = Field(default=[None], min_length=1)
     granularity: int = Field(default=DEFAULT_GRANULARITY, ge=1, strict=True,
                              description="max coalesced chunks per op and core")
+    serve: ServeAxes | None = None
+
+    @model_validator(mode="after")
+    def _serving_has_its_own_axes(self) -> Spec:
+        if self.serve is not None:
+            engine = {"phases", "batch", "context", "prompt", "mapping", "moe_routing",
+                      "granularity"} & self.model_fields_set
+            if engine:
+                raise ValueError(f"{', '.join(sorted(engine))}: not used by a serving "
+                                 "sweep (its steps come from the serve block)")
+        return self
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -78,6 +153,8 @@ def points(spec: Spec) -> list[dict[str, Any]]:
     """Every point of the spec, in order, each with a stable key."""
     paths = sorted(spec.grid)
     combos = list(itertools.product(*(spec.grid[p] for p in paths))) or [()]
+    if spec.serve is not None:
+        return _serve_points(spec, spec.serve, paths, combos)
     out = []
     for hardware, combo, model, phase, batch, mapping, routing in itertools.product(
             spec.hardware, combos, spec.models, spec.phases, spec.batch, spec.mapping,
@@ -90,15 +167,68 @@ def points(spec: Spec) -> list[dict[str, Any]]:
             point["granularity"] = spec.granularity
         if routing is not None:
             point["moe_routing"] = routing
-        point["key"] = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
+        point["key"] = _key(point)
         out.append(point)
     return out
+
+
+def _key(point: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _serve_points(spec: Spec, serve: ServeAxes, paths: list[str],
+                  combos: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    out = []
+    for hardware, combo, model, scheduler, replicas, rate in itertools.product(
+            spec.hardware, combos, spec.models, serve.schedulers, serve.replicas,
+            serve.rates):
+        point = {"kind": "serve", "hardware": hardware,
+                 "settings": dict(zip(paths, combo, strict=True)), "model": model,
+                 "scheduler": scheduler, "replicas": replicas, "rate": rate,
+                 "requests": serve.requests, "options": serve.options, "tp": serve.tp,
+                 "pp": serve.pp, "runtime": serve.runtime}
+        point["key"] = _key(point)
+        out.append(point)
+    return out
+
+
+def run_serve_point(point: dict[str, Any]) -> dict[str, Any]:
+    """Serve one point's workload at its rate; bad points come back as rows too."""
+    from simulator.serving.loop import Options
+    from simulator.serving.requests import load_spec as load_requests
+    from simulator.serving.serve import run_serving
+
+    row: dict[str, Any] = {k: v for k, v in point.items()
+                           if k not in ("requests", "options", "tp", "pp", "runtime")}
+    row["settings"] = json.dumps(point["settings"], sort_keys=True)
+    rate = point["rate"]
+    try:
+        requests = load_requests({**point["requests"], "rate": rate}, "serve.requests")
+        row["rate_per_s"] = requests.rate_per_s()
+        options = Options(scheduler=point["scheduler"], replicas=point["replicas"],
+                          **point["options"])
+        done = run_serving(point["hardware"], point["model"], requests, options,
+                           tp=point["tp"], pp=point["pp"], runtime=point["runtime"],
+                           hw_set=point["settings"])
+    except UserError as exc:
+        return {**row, "status": "infeasible" if isinstance(exc, Infeasible) else "error",
+                "message": str(exc)}
+    s = done.summary
+    return {**row, "status": "ok", "message": "", "requests": s["requests"],
+            **{name: s[name] for name in ("requests_per_s", "output_tokens_per_s",
+                                          "preemptions", "energy_per_output_token_j",
+                                          "power_w", "makespan_s")},
+            **{f"{metric}_{p}_s": s[f"{metric}_s"][p] for metric in ("ttft", "tpot", "e2e")
+               for p in ("p50", "p99")},
+            "queue_p99_s": s["queue_s"]["p99"]}
 
 
 def run_point(point: dict[str, Any]) -> dict[str, Any]:
     """Simulate one point; bad or infeasible points come back as rows too."""
     from simulator.api import simulate
 
+    if point.get("kind") == "serve":
+        return run_serve_point(point)
     row: dict[str, Any] = {**point, "settings": json.dumps(point["settings"], sort_keys=True)}
     try:
         result = simulate(point["hardware"], point["model"], phase=point["phase"],
@@ -164,9 +294,9 @@ def _execute(todo: list[dict[str, Any]], scheduler: str | None, workers: int
             yield future.result()
 
 
-def to_csv(rows: Iterable[dict[str, Any]]) -> str:
+def to_csv(rows: Iterable[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore",
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore",
                             lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -191,7 +321,8 @@ def run_sweep(spec_path: str | Path, out: str | Path, scheduler: str | None = No
             done[row["key"]] = row
             bar.advance(task)
     table = folder / "results.csv"
-    write_atomic(table, to_csv(done[p["key"]] for p in everything), "--out")
+    columns = SERVE_COLUMNS if spec.serve is not None else COLUMNS
+    write_atomic(table, to_csv((done[p["key"]] for p in everything), columns), "--out")
     return table
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,105 @@ def test_orca_reserves_whole_sequences_and_never_preempts() -> None:
     assert done.summary["preemptions"] == 0 and done.summary["requests"] == 24
     assert done.summary["mean_batch"] <= 5  # 40 blocks hold 5 whole 128-token sequences
     assert done.summary["kv_utilisation"]["max"] <= 1.0
+
+
+def _loop(requests: list, **options: object):
+    """The serving loop alone on a given request list (2-layer Llama-2-7B, one A100)."""
+    from simulator.hardware.loader import load_hardware
+    from simulator.serving.loop import serve
+    from simulator.serving.steps import StepTimer
+    from workloads.config import resolve_model
+
+    chip = load_hardware("gpu_a100.yaml")
+    timer = StepTimer(chip, resolve_model("llama2-7b", TWO, None))
+    return serve(timer, requests, Options(kv_blocks=500, **options),  # type: ignore[arg-type]
+                 chip.memory.dram.capacity, 4096, chip.power.idle)
+
+
+def test_round_robin_replicas_serve_their_shares_as_separate_servers() -> None:
+    """Two replicas under round robin: each serves every other request, exactly as one
+    server given only those requests (arrivals kept) would."""
+    from simulator.serving.requests import make_requests
+
+    requests = make_requests(load_spec({"rate": "30 /s", "num_requests": 40, "prompt": 32,
+                                        "output": 12, "seed": 4}, "spec"))
+    two = _loop(requests, replicas=2)
+    assert two.summary["requests_per_replica"] == [20, 20]
+    for replica in (0, 1):
+        alone = _loop(requests[replica::2]).requests
+        mine = [{**row, "replica": 0} for row in two.requests if row["replica"] == replica]
+        assert mine == alone
+    assert two.summary["e2e_s"]["mean"] < _loop(requests).summary["e2e_s"]["mean"]
+
+
+def test_least_outstanding_routes_around_a_busy_replica() -> None:
+    """Long and short requests in turn, one sequence per step: round robin sends every long
+    one to replica 0, where the queue builds; least-outstanding sends each arrival to the
+    replica with fewer requests in it."""
+    from simulator.serving.requests import Request
+
+    requests = [Request(i, 0.01 * i, 32, 120 if i % 2 == 0 else 2) for i in range(24)]
+    rr = _loop(requests, replicas=2, max_sequences=1)
+    lo = _loop(requests, replicas=2, max_sequences=1, router="least_outstanding")
+    assert {r["replica"] for r in rr.requests if r["id"] % 2 == 0} == {0}
+    assert {r["replica"] for r in lo.requests if r["id"] % 2 == 0} == {0, 1}
+    assert lo.summary["e2e_s"]["mean"] < 0.8 * rr.summary["e2e_s"]["mean"]
+    assert lo.summary["requests"] == rr.summary["requests"] == 24
+
+
+def test_replicas_beyond_the_systems_devices_are_refused(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--hw", "hgx_a100_4gpu.yaml", "--model", "llama2-7b",
+                 "--model-set", "num_hidden_layers=2", "--rate", "4", "--num-requests", "3",
+                 "--tp", "2", "--replicas", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--replicas" in err and "4" in err, err
+
+
+def test_the_perfetto_trace_and_plots_have_a_track_per_replica_and_request(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace, plots = tmp_path / "serve.json", tmp_path / "plots"
+    assert main(["serve", "--hw", "gpu_a100.yaml", "--model", "llama2-7b", "--model-set",
+                 "num_hidden_layers=2", "--rate", "20", "--num-requests", "9", "--prompt",
+                 "32", "--output", "5", "--replicas", "2", "--perfetto", str(trace),
+                 "--plot", str(plots), "--format", "json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] ==
+             "process_name"}
+    assert names == {"replica 0", "replica 1", "requests"}
+    steps = [e for e in events if e["ph"] == "X" and e["pid"] in (1, 2)]
+    assert len(steps) == sum(summary["steps"].values())
+    per_request = [e for e in events if e["ph"] == "X" and e["pid"] == 3]
+    assert len(per_request) == 3 * 9 and {e["tid"] for e in per_request} == set(range(1, 10))
+    span = (max(e["ts"] + e["dur"] for e in per_request)
+            - min(e["ts"] for e in per_request))  # first arrival to last completion
+    assert span == pytest.approx(summary["makespan_s"] * 1e6, rel=1e-9)
+    assert sorted(p.name for p in plots.iterdir()) == ["serving_cdf.png",
+                                                       "serving_over_time.png"]
+
+
+def test_ctrl_c_prints_the_partial_summary_and_writes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import simulator.serving.loop as loop
+
+    real, calls = loop._cost, []
+
+    def interrupted_later(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 200:
+            raise KeyboardInterrupt
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "_cost", interrupted_later)
+    trace = tmp_path / "serve.json"
+    assert main(["serve", "--hw", "gpu_a100.yaml", "--model", "llama2-7b", "--model-set",
+                 "num_hidden_layers=2", "--rate", "20", "--num-requests", "50", "--prompt",
+                 "32", "--output", "16", "--perfetto", str(trace), "--format", "json"]) == 130
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert summary["interrupted"] is True
+    assert 0 < summary["requests"] < 50 and summary["unfinished"] == 50 - summary["requests"]
+    assert "interrupted" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

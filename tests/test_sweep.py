@@ -127,3 +127,55 @@ def test_a_sweep_covers_routing_policies_and_encoders(tmp_path: Path) -> None:
     # resnet50 takes no routing policy and has no prefill; Mixtral has no forward
     assert set(frame[frame.status == "error"].message.str.extract(r"^(--\w[\w-]*)")[0]) == {
         "--moe-routing", "--phase"}
+
+
+def test_a_serving_sweep_over_arrival_rates_resumes_and_draws_its_curve(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rate is an axis: a row per (scheduler, rate) with the run's throughput and
+    percentiles, equal to `simulate serve` at that rate; a second run redoes nothing."""
+    from simulator.serving.loop import Options
+    from simulator.serving.requests import load_spec as load_requests
+    from simulator.serving.serve import run_serving
+
+    model = tmp_path / "small.json"
+    model.write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 1000,
+        "max_position_embeddings": 2048}))
+    requests = {"arrival": "poisson", "num_requests": 60, "prompt": 64, "output": 16,
+                "seed": 3}
+    spec = write_spec(tmp_path, {"hardware": ["gpu_a100.yaml"], "models": [str(model)],
+                                 "serve": {"requests": requests, "rates": ["5 /s", "1 /ms"],
+                                           "schedulers": ["vllm", "static"],
+                                           "options": {"max_sequences": 8}}})
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1", "--no-progress",
+                 "--plot"]) == 0
+    frame = load(out)
+    assert list(frame.rate_per_s) == [5.0, 1000.0, 5.0, 1000.0]
+    assert set(frame.status) == {"ok"}
+    direct = run_serving("gpu_a100.yaml", str(model),
+                         load_requests({**requests, "rate": "1 /ms"}, "spec"),
+                         Options(scheduler="static", max_sequences=8)).summary
+    row = frame.iloc[3]
+    assert row.output_tokens_per_s == direct["output_tokens_per_s"]
+    assert row.ttft_p99_s == direct["ttft_s"]["p99"]
+    saturated = frame[frame.rate_per_s == 1000.0].set_index("scheduler")
+    assert saturated.output_tokens_per_s["vllm"] > saturated.output_tokens_per_s["static"]
+    assert (out / "serving_rate.png").stat().st_size > 0
+    log = (out / "points.jsonl").read_text()
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "1",
+                 "--no-progress"]) == 0
+    assert (out / "points.jsonl").read_text() == log  # nothing redone
+    capsys.readouterr()
+    for bad, word in ((["4"], "unit"), (["-2 /s"], "above zero")):
+        spec = write_spec(tmp_path, {"hardware": ["gpu_a100.yaml"], "models": ["gpt2"],
+                                     "serve": {"requests": requests, "rates": bad}})
+        assert main(["sweep", str(spec), "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "rates" in err and word in err, err
+    spec = write_spec(tmp_path, {"hardware": ["gpu_a100.yaml"], "models": ["gpt2"],
+                                 "batch": [2], "serve": {"requests": requests,
+                                                         "rates": ["1 /s"]}})
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "bad")]) == 2
+    assert "batch" in capsys.readouterr().err

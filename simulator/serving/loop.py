@@ -1,9 +1,13 @@
-"""The serving loop: requests arrive, the scheduler picks each step, the engine times it.
+"""The serving loop: requests arrive, a router hands each to a replica, each replica's
+scheduler picks its steps, the engine times them.
 
-Time advances from step to step (a step's latency from simulator.serving.steps) or, when
-nothing can run, to the next arrival. The KV cache gets the blocks the machine's memory
-leaves after the weights and a full prefill's activations (vLLM's profile run), at
-`memory_fraction` of the memory (vLLM's gpu_memory_utilization), unless pinned.
+Events are taken in time order: an arrival (routed at once: round robin, or to the replica
+with the fewest requests in it, the lowest-numbered on a tie) or the end of a replica's
+step (its tokens made, its finished requests out, its next step chosen). A replica with
+nothing to run waits for the next request routed to it. Each replica's KV cache gets the
+blocks its devices' memory leaves after the weights and a full prefill's activations
+(vLLM's profile run), at `memory_fraction` of the memory, unless pinned. Ctrl-C ends the
+run early: the summary then covers the requests finished so far (`interrupted`).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from simulator.errors import UserError
 from simulator.serving.kvcache import BlockManager
 from simulator.serving.metrics import per_request, spread
 from simulator.serving.requests import Request
-from simulator.serving.schedulers import SCHEDULERS, Running, Step
+from simulator.serving.schedulers import SCHEDULERS, Running, Scheduler, Step
 from simulator.serving.steps import StepCost, StepTimer
+
+ROUTERS = ("round_robin", "least_outstanding")
 
 
 @dataclass(frozen=True)
@@ -37,17 +43,62 @@ class Options:
     slo_tpot_s: float | None = None
     #: instances: a round of k costs (1 + this × (k − 1)) × its steps (an assumption)
     instance_overhead: float = 0.0
+    replicas: int = 1
+    router: str = "round_robin"
+    #: keep every step (replica, start, end, kind, sequences) for plots and traces
+    record_steps: bool = False
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step a replica ran."""
+
+    replica: int
+    start_s: float
+    end_s: float
+    kind: str
+    sequences: int
+    kv_blocks_used: int
 
 
 @dataclass
 class ServeResult:
-    """A finished run's requests, summary and timeline."""
+    """A finished (or interrupted) run's requests, summary and timeline."""
 
     summary: dict[str, Any]
     requests: list[dict[str, float | int]]
-    #: (time s, requests in the server, KV blocks used) as a step or idle gap begins where
-    #: the number of requests changed (the count is constant in between: areas are exact)
+    #: (time s, requests in the server, KV blocks used on all replicas) where the number
+    #: of requests changed (the count is constant in between: areas are exact)
     timeline: list[tuple[float, int, int]] = field(default_factory=list)
+    #: every step, when `Options.record_steps`
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+@dataclass
+class Replica:
+    """One copy of the model on its own devices, with its scheduler and KV cache."""
+
+    index: int
+    scheduler: Scheduler
+    free_s: float = 0.0  # when its step in flight ends (or it last went idle)
+    step: Step | None = None
+    wake: bool = False  # a request came while it was idle: choose a step at free_s
+    busy_s: float = 0.0
+    energy_j: float = 0.0
+    kv_time: float = 0.0  # ∫ used blocks dt
+    kv_peak: int = 0
+    steps: dict[str, int] = field(
+        default_factory=lambda: {"prefill": 0, "decode": 0, "instances": 0})
+    sequences_in_steps: int = 0
+    served: int = 0
+
+    @property
+    def inside(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    @property
+    def active(self) -> bool:
+        return self.step is not None or self.wake
 
 
 def kv_capacity(timer: StepTimer, options: Options, capacity_bytes: float,
@@ -85,16 +136,9 @@ def _cost(timer: StepTimer, step: Step, overhead: float) -> StepCost:
                     sum(c.energy_j for c in costs))
 
 
-def serve(timer: StepTimer, requests: list[Request], options: Options,
-          capacity_bytes: float, max_positions: int | None, idle_w: float) -> ServeResult:
-    """Run `requests` through the server (see the module notes)."""
-    if options.scheduler not in SCHEDULERS:
-        raise UserError("--scheduler", f"expected one of {', '.join(SCHEDULERS)}, not "
-                                       f"{options.scheduler!r}")
-    blocks, per_token = kv_capacity(timer, options, capacity_bytes, max_positions)
-    kv = BlockManager(blocks, options.block_size)
-    scheduler = SCHEDULERS[options.scheduler](kv, options.max_sequences, options.max_tokens)
-    limit = min(blocks * options.block_size, max_positions or math.inf)
+def _admit(requests: list[Request], options: Options, limit: float
+           ) -> tuple[list[Request], list[Request]]:
+    """(accepted, rejected): a request that can never fit is an error unless `reject`."""
     accepted, rejected = [], []
     for request in requests:
         whole = request.prompt + request.output
@@ -104,71 +148,167 @@ def serve(timer: StepTimer, requests: list[Request], options: Options,
             rejected.append(request)
         else:
             raise UserError("--requests", f"request {request.id} needs {whole} tokens "
-                            f"(prompt {request.prompt}); the KV cache holds {limit} for one "
-                            f"sequence and a step prefills at most {options.max_tokens}; "
+                            f"(prompt {request.prompt}); the KV cache holds {int(limit)} for "
+                            f"one sequence and a step prefills at most {options.max_tokens}; "
                             "expected shorter requests, more memory, or --reject")
+    return accepted, rejected
+
+
+def serve(timer: StepTimer, requests: list[Request], options: Options,
+          capacity_bytes: float, max_positions: int | None, idle_w: float) -> ServeResult:
+    """Run `requests` through the server (see the module notes)."""
+    if options.scheduler not in SCHEDULERS:
+        raise UserError("--scheduler", f"expected one of {', '.join(SCHEDULERS)}, not "
+                                       f"{options.scheduler!r}")
+    if options.router not in ROUTERS:
+        raise UserError("--router", f"expected one of {', '.join(ROUTERS)}, not "
+                                    f"{options.router!r}")
+    if options.replicas < 1:
+        raise UserError("--replicas", f"expected a whole number ≥ 1, not {options.replicas}")
+    blocks, per_token = kv_capacity(timer, options, capacity_bytes, max_positions)
+    kind = SCHEDULERS[options.scheduler]
+    replicas = [Replica(i, kind(BlockManager(blocks, options.block_size),
+                                options.max_sequences, options.max_tokens))
+                for i in range(options.replicas)]
+    accepted, rejected = _admit(requests, options,
+                                min(blocks * options.block_size, max_positions or math.inf))
     pending = deque(Running(r) for r in accepted)
-    now, energy, busy = 0.0, 0.0, 0.0
+    now = 0.0
     done: list[Running] = []
     timeline: list[tuple[float, int, int]] = []
-    steps = {"prefill": 0, "decode": 0, "instances": 0}
-    tokens_in_batches = 0
-    kv_time = 0.0  # ∫ used blocks dt
-    kv_peak = 0
+    records: list[StepRecord] = []
+    inside, used, turn = 0, 0, 0  # requests in the server and KV blocks used, all replicas
 
-    while pending or scheduler.waiting or scheduler.running:
-        while pending and pending[0].request.arrival_s <= now:
-            scheduler.waiting.append(pending.popleft())
-        step = scheduler.next_step(now)
-        inside = len(scheduler.waiting) + len(scheduler.running)
+    def mark() -> None:
+        if timeline and timeline[-1][0] == now:  # several events at one instant: the last
+            timeline.pop()
         if not timeline or timeline[-1][1] != inside:
-            timeline.append((now, inside, kv.used))
-        kv_peak = max(kv_peak, kv.used)
+            timeline.append((now, inside, used))
+
+    def route() -> Replica:
+        nonlocal turn
+        if options.router == "round_robin":
+            turn += 1
+            return replicas[(turn - 1) % len(replicas)]
+        return min(replicas, key=lambda r: (r.inside, r.index))
+
+    def start(replica: Replica) -> None:
+        """Choose and begin the replica's next step at its free time (or let it idle)."""
+        nonlocal used
+        replica.wake = False
+        kv = replica.scheduler.kv
+        before = kv.used
+        step = replica.scheduler.next_step(replica.free_s)
+        used += kv.used - before
+        replica.kv_peak = max(replica.kv_peak, kv.used)
         if step is None:
-            if not pending:
+            if replica.inside and not pending:
                 raise RuntimeError("the scheduler stalled with requests waiting")
-            now = pending[0].request.arrival_s
-            continue
+            return
         cost = _cost(timer, step, options.instance_overhead)
-        used = kv.used
-        now += cost.latency_s
-        energy += cost.energy_j
-        busy += cost.latency_s
-        kv_time += used * cost.latency_s
-        steps[step.kind] += 1
-        tokens_in_batches += len(step.sequences)
+        if options.record_steps:
+            records.append(StepRecord(replica.index, replica.free_s,
+                                      replica.free_s + cost.latency_s, step.kind,
+                                      len(step.sequences), kv.used))
+        replica.step = step
+        replica.free_s += cost.latency_s
+        replica.energy_j += cost.energy_j
+        replica.busy_s += cost.latency_s
+        replica.kv_time += kv.used * cost.latency_s
+        replica.steps[step.kind] += 1
+        replica.sequences_in_steps += len(step.sequences)
+
+    def finish(replica: Replica) -> None:
+        """End the replica's step in flight at its free time."""
+        nonlocal used, inside
+        step, replica.step = replica.step, None
+        assert step is not None
         for seq in step.sequences:
             if not seq.done:
                 seq.generated += 1
                 if seq.first_token_s is None:
-                    seq.first_token_s = now
-        done += scheduler.finished(step, now)
-    timeline.append((now, 0, kv.used))  # the last completion: the server empty
-    rows = [per_request(seq) for seq in sorted(done, key=lambda s: s.request.id)]
+                    seq.first_token_s = replica.free_s
+        before = replica.scheduler.kv.used
+        out = replica.scheduler.finished(step, replica.free_s)
+        used += replica.scheduler.kv.used - before
+        inside -= len(out)
+        replica.served += len(out)
+        for seq in out:
+            seq.replica = replica.index
+        done.extend(out)
+
+    interrupted = False
+    try:
+        while True:
+            busy = [r for r in replicas if r.active]
+            nearest = min(busy, key=lambda r: (r.free_s, r.index)) if busy else None
+            if pending and (nearest is None or pending[0].request.arrival_s <= nearest.free_s):
+                seq = pending.popleft()
+                now = seq.request.arrival_s
+                target = route()
+                target.scheduler.waiting.append(seq)
+                inside += 1
+                if target.step is None:  # idle: it chooses a step now
+                    target.free_s = max(target.free_s, now)
+                    target.wake = True
+                mark()
+                continue
+            if nearest is None:
+                break
+            now = nearest.free_s
+            if nearest.step is not None:
+                finish(nearest)
+                mark()
+            start(nearest)
+    except KeyboardInterrupt:
+        interrupted = True
+    if not interrupted:
+        timeline.append((now, 0, used))  # the last completion: the server empty
+    return ServeResult(_summary(options, replicas, done, accepted, rejected, now, timer,
+                                idle_w, blocks, per_token, interrupted),
+                       [per_request(s) for s in sorted(done, key=lambda s: s.request.id)],
+                       timeline, records)
+
+
+def _summary(options: Options, replicas: list[Replica], done: list[Running],
+             accepted: list[Request], rejected: list[Request], now: float,
+             timer: StepTimer, idle_w: float, blocks: int, per_token: float,
+             interrupted: bool) -> dict[str, Any]:
+    rows = [per_request(seq) for seq in done]
     first = min((r.arrival_s for r in accepted), default=0.0)
-    makespan = now - first
-    devices = timer.devices
-    energy += idle_w * devices * max(0.0, makespan - busy)
-    outputs = sum(r.output for r in accepted)
+    makespan = max(0.0, now - first)
+    energy = sum(r.energy_j for r in replicas)
+    energy += sum(idle_w * timer.devices * max(0.0, makespan - r.busy_s) for r in replicas)
+    outputs = sum(s.request.output for s in done)
     good = [r for r in rows if (options.slo_ttft_s is None or r["ttft_s"] <= options.slo_ttft_s)
             and (options.slo_tpot_s is None or r["tpot_s"] <= options.slo_tpot_s)]
-    summary = {
+    busy = sum(r.busy_s for r in replicas)
+    steps = {k: sum(r.steps[k] for r in replicas) for k in ("prefill", "decode", "instances")}
+    summary: dict[str, Any] = {
         "scheduler": options.scheduler, "requests": len(rows), "rejected": len(rejected),
+        "replicas": len(replicas), "router": options.router,
         "makespan_s": makespan,
         "requests_per_s": len(rows) / makespan if makespan else 0.0,
         "output_tokens_per_s": outputs / makespan if makespan else 0.0,
         "goodput_requests_per_s": len(good) / makespan if makespan else 0.0,
         **{name: spread([float(r[name]) for r in rows])
            for name in ("ttft_s", "tpot_s", "e2e_s", "queue_s")},
-        "preemptions": scheduler.preemptions,
+        "preemptions": sum(r.scheduler.preemptions for r in replicas),
         "energy_j": energy,
         "energy_per_output_token_j": energy / outputs if outputs else 0.0,
         "power_w": energy / makespan if makespan else 0.0,
         "kv_blocks": blocks, "kv_block_size": options.block_size,
         "kv_bytes_per_token": per_token,
-        "kv_utilisation": {"mean": kv_time / busy / blocks if busy else 0.0,
-                           "max": kv_peak / blocks},
-        "steps": steps, "mean_batch": tokens_in_batches / max(1, sum(steps.values())),
+        "kv_utilisation": {
+            "mean": sum(r.kv_time for r in replicas) / busy / blocks if busy else 0.0,
+            "max": max(r.kv_peak for r in replicas) / blocks},
+        "steps": steps,
+        "mean_batch": sum(r.sequences_in_steps for r in replicas) / max(1, sum(steps.values())),
         "bucket_tokens": options.bucket, "engine_runs": len(timer.memo),
     }
-    return ServeResult(summary, rows, timeline)
+    if len(replicas) > 1:
+        summary["requests_per_replica"] = [r.served for r in replicas]
+    if interrupted:
+        summary["interrupted"] = True
+        summary["unfinished"] = len(accepted) - len(done)
+    return summary

@@ -30,4 +30,5 @@ def per_request(seq: Running) -> dict[str, float | int]:
             "ttft_s": seq.first_token_s - r.arrival_s,
             "tpot_s": ((seq.finish_s - seq.first_token_s) / (r.output - 1)
                        if r.output > 1 else 0.0),
-            "e2e_s": seq.finish_s - r.arrival_s, "preemptions": seq.preemptions}
+            "e2e_s": seq.finish_s - r.arrival_s, "preemptions": seq.preemptions,
+            "replica": seq.replica}

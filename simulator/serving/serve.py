@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from simulator.errors import UserError
 from simulator.serving.loop import Options, ServeResult, serve
 from simulator.serving.requests import RequestSpec, make_requests, summary
 from simulator.serving.steps import StepTimer
@@ -13,16 +14,21 @@ from simulator.serving.steps import StepTimer
 
 def run_serving(hw: str | Path, model: str, spec: RequestSpec, options: Options, *,
                 model_set: dict[str, str] | None = None, tp: int = 1, pp: int = 1,
-                runtime: str | None = None) -> ServeResult:
+                runtime: str | None = None, hw_set: dict[str, Any] | None = None
+                ) -> ServeResult:
     """Serve the requests `spec` makes with `model` on `hw` (a chip or a system file, with
-    `tp` × `pp` devices per replica) under `options`."""
+    `tp` × `pp` devices per replica, dotted `hw_set` overrides) under `options`."""
     from simulator.api import with_runtime
     from simulator.hardware.system import load_machine
     from simulator.parallel import Parallelism, check_degrees
     from workloads.config import resolve_model
 
     check_degrees(Parallelism(tp, pp))
-    system, chip = load_machine(str(hw), None)
+    system, chip = load_machine(str(hw), hw_set or None)
+    if system is not None and tp * pp * options.replicas > system.count:
+        raise UserError("--replicas", f"{options.replicas} replica(s) of {tp * pp} device(s) "
+                                      f"need {tp * pp * options.replicas}; {hw} has "
+                                      f"{system.count}; expected fewer replicas or devices")
     chip = with_runtime(chip, runtime)
     cfg = resolve_model(model, model_set, None)
     requests = make_requests(spec)
@@ -30,14 +36,15 @@ def run_serving(hw: str | Path, model: str, spec: RequestSpec, options: Options,
     if system is None:  # one chip: the same machine object for every step (its memos)
         timer = StepTimer(chip, cfg, options.bucket, devices)
     else:
-        timer = StepTimer(str(hw), cfg, options.bucket, devices, tp=tp, pp=pp, runtime=runtime)
+        timer = StepTimer(str(hw), cfg, options.bucket, devices, tp=tp, pp=pp, runtime=runtime,
+                          hw_set=hw_set or None)
     positions = cfg.position_limit
     result = serve(timer, requests, options, chip.memory.dram.capacity, positions,
                    chip.power.idle)
     result.summary["workload"] = summary(requests)
     result.summary["machine"] = system.name if system is not None else chip.name
     result.summary["model"] = cfg.name
-    result.summary["devices"] = devices
+    result.summary["devices"] = devices * options.replicas
     return result
 
 
@@ -64,9 +71,13 @@ def rows(result: ServeResult) -> list[tuple[str, str]]:
                 f"p90 {spread['p90'] * 1e3:.1f} · p99 {spread['p99'] * 1e3:.1f} ms")
 
     work = s["workload"]
+    replicas = (f"{s['replicas']} replicas ({s['router']}), " if s["replicas"] > 1 else "")
+    done = [("interrupted", f"{s['unfinished']} requests unfinished; the summary covers "
+                            "those that finished")] if s.get("interrupted") else []
     return [
-        ("server", f"{s['scheduler']} on {s['machine']} ({s['devices']} device(s)), "
-                   f"{s['model']}"),
+        *done,
+        ("server", f"{s['scheduler']} on {s['machine']} ({replicas}{s['devices']} "
+                   f"device(s)), {s['model']}"),
         ("workload", f"{s['requests']} requests ({s['rejected']} rejected), prompt "
                      f"{work['mean_prompt_tokens']:.0f} / output "
                      f"{work['mean_output_tokens']:.0f} tokens on average"),

@@ -20,6 +20,7 @@ class Running:
     first_token_s: float | None = None
     finish_s: float | None = None
     preemptions: int = 0
+    replica: int = 0
 
     @property
     def cached(self) -> int:
