@@ -544,6 +544,8 @@ def _serve(argv: Sequence[str]) -> int:
                         help="most sequences in a step (vLLM max_num_seqs)")
     parser.add_argument("--max-tokens", type=int, default=8192,
                         help="most prompt tokens a step prefills (max_num_batched_tokens)")
+    parser.add_argument("--token-budget", type=int, default=512,
+                        help="sarathi: tokens a step feeds, decodes and prompt chunks")
     parser.add_argument("--block-size", type=int, default=16, help="KV block, tokens")
     parser.add_argument("--kv-blocks", type=int, default=None,
                         help="pin the KV cache's blocks (default: what memory leaves)")
@@ -555,9 +557,8 @@ def _serve(argv: Sequence[str]) -> int:
                         help="count requests that can never fit as rejected, not an error")
     parser.add_argument("--slo-ttft", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--slo-tpot", type=float, default=None, metavar="SECONDS")
-    parser.add_argument("--instance-overhead", type=float, default=0.0, metavar="SHARE",
-                        help="instances: a round of k costs (1 + SHARE × (k − 1)) × its "
-                             "steps (an assumption; default 0)")
+    parser.add_argument("--hw-set", action="append", default=[], metavar="PATH=VALUE",
+                        help="override a hardware field (e.g. overheads.instances.contention=0)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--replicas", type=int, default=1,
@@ -574,15 +575,12 @@ def _serve(argv: Sequence[str]) -> int:
     for flag, value, low in (("--max-sequences", args.max_sequences, 1),
                              ("--replicas", args.replicas, 1),
                              ("--max-tokens", args.max_tokens, 1),
+                             ("--token-budget", args.token_budget, 1),
                              ("--block-size", args.block_size, 1),
                              ("--bucket", args.bucket, 1),
                              ("--kv-blocks", args.kv_blocks, 1)):
         if value is not None and value < low:
             raise UserError(flag, f"expected a whole number ≥ {low}, not {value}")
-    if not 0 <= args.instance_overhead < 10 or (args.scheduler != "instances"
-                                                 and args.instance_overhead):
-        raise UserError("--instance-overhead", "expected a share ≥ 0 (below 10), with "
-                                               "--scheduler instances")
     if not 0 < args.memory_fraction <= 1:
         raise UserError("--memory-fraction", f"expected a share in (0, 1], not "
                                              f"{args.memory_fraction}")
@@ -620,13 +618,17 @@ def _serve(argv: Sequence[str]) -> int:
         check_output_file(args.perfetto, "--perfetto")
     if args.plot is not None:
         check_output_folder(args.plot, "--plot")
-    options = Options(args.scheduler, args.max_sequences, args.max_tokens, args.block_size,
-                      args.kv_blocks, args.memory_fraction, args.bucket, args.reject,
-                      args.slo_ttft, args.slo_tpot, args.instance_overhead, args.replicas,
-                      args.router, record_steps=bool(args.perfetto or args.plot))
+    options = Options(scheduler=args.scheduler, max_sequences=args.max_sequences,
+                      max_tokens=args.max_tokens, token_budget=args.token_budget,
+                      block_size=args.block_size, kv_blocks=args.kv_blocks,
+                      memory_fraction=args.memory_fraction, bucket=args.bucket,
+                      reject=args.reject, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot,
+                      replicas=args.replicas, router=args.router,
+                      record_steps=bool(args.perfetto or args.plot))
     result = run_serving(args.hw, args.model, spec, options,
                          model_set=_pairs(args.model_set, "--model-set", False), tp=args.tp,
-                         pp=args.pp, runtime=args.runtime)
+                         pp=args.pp, runtime=args.runtime,
+                         hw_set=_pairs(args.hw_set, "--hw-set", True))
     interrupted = bool(result.summary.get("interrupted"))
     if not interrupted:  # an interrupted run writes no files: only its partial summary
         title = (f"{result.summary['model']}, {result.summary['scheduler']} on "

@@ -598,6 +598,7 @@ def simulate_system(system: System, chip: Hardware, trace: Trace, par: Paralleli
         state_bytes=sum(stage.state_bytes * group for stage in stages) * m * d,
         activation_bytes=max(stage.activation_bytes for stage in stages),
         dram_bytes=sum(group * m * result.dram_bytes for result in results) * d,
+        launch_s=sum(result.launch_s for result in results[::pp]),
         events=sum(result.events for result in results),
         layers=tuple(layer for result in results for layer in result.layers),
         ops=tuple(op for result in results for op in result.ops), system=share)

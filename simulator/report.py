@@ -113,6 +113,9 @@ class Result:
     activation_bytes: int
     dram_bytes: float
     host_transfer_s: float
+    #: host launch time the step paid (eager: before each kernel; cuda_graphs: the graph
+    #: launch and the gaps before its kernels); on a system, one device's
+    launch_s: float
     #: per DRAM channel (and the L2): share of the run it was held, bursts included
     channel_utilisation: dict[str, float]
     #: the same tracks: useful bytes moved / (bandwidth it sustains × latency)
@@ -223,6 +226,7 @@ def build_result(hw: Hardware, trace: Trace, tasks: list[Task], timeline: Timeli
         weights_bytes=trace.weights_bytes, state_bytes=trace.state_bytes,
         activation_bytes=trace.activation_bytes, dram_bytes=timeline.usage.dram_bytes,
         host_transfer_s=timeline.usage.busy_ns.get("host", 0.0) * 1e-9,
+        launch_s=timeline.usage.busy_ns.get("launch", 0.0) * 1e-9,
         channel_utilisation=busy,
         channel_useful_utilisation=_useful_shares(hw, timeline, list(busy)),
         events=timeline.events, layers=layers, ops=ops, notes=notes,

@@ -17,9 +17,10 @@ from simulator.serving.serve import run_serving
 TWO = {"num_hidden_layers": "2"}
 
 
-def _serve(spec: dict, **options: object):
+def _serve(spec: dict, hw_set: dict | None = None, **options: object):
     return run_serving("gpu_a100.yaml", "llama2-7b", load_spec(spec, "spec"),
-                       Options(**options), model_set=TWO)  # type: ignore[arg-type]
+                       Options(**options), model_set=TWO,  # type: ignore[arg-type]
+                       hw_set=hw_set)
 
 
 def test_one_request_alone_takes_a_prefill_then_decode_steps_exactly() -> None:
@@ -89,9 +90,8 @@ def test_the_same_seed_gives_byte_identical_json(capsys: pytest.CaptureFixture[s
     (["--rate", "4", "--kv-blocks", "0"], "--kv-blocks"),
     (["--rate", "4", "--scheduler", "fifo"], "--scheduler"),
     (["--rate", "4", "--memory-fraction", "1.5"], "--memory-fraction"),
-    (["--rate", "4", "--instance-overhead", "0.2"], "--instance-overhead"),
-    (["--rate", "4", "--scheduler", "instances", "--instance-overhead", "-1"],
-     "--instance-overhead"),
+    (["--rate", "4", "--scheduler", "instances", "--hw-set",
+      "overheads.instances.device_share=1.5"], "device_share"),
 ])
 def test_bad_serving_input_is_one_line(extra: list[str], flag: str,
                                        capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,19 +116,38 @@ def test_one_instance_is_one_request_on_the_vllm_server() -> None:
     assert alone == _serve(spec, scheduler="vllm", bucket=1).requests[0]
 
 
-def test_instances_take_turns_on_the_device() -> None:
-    """k equal requests in k instances: each round runs k batch-one steps one after another,
-    so everything takes k times one request's time, and all finish together."""
+TURNS = {"overheads.instances.device_share": 1, "overheads.instances.contention": 0}
+
+
+def test_instances_take_turns_on_the_device_without_overlap() -> None:
+    """k equal requests in k instances that do not overlap: each round runs k batch-one
+    steps one after another, so everything takes k times one request's time."""
     one = {"arrival": "burst", "num_requests": 1, "prompt": 40, "output": 6}
-    single = _serve(one, scheduler="instances").summary["makespan_s"]
-    four = _serve({**one, "num_requests": 4}, scheduler="instances")
+    single = _serve(one, TURNS, scheduler="instances").summary["makespan_s"]
+    four = _serve({**one, "num_requests": 4}, TURNS, scheduler="instances")
     assert four.summary["makespan_s"] == pytest.approx(4 * single, rel=1e-12)
     assert {row["e2e_s"] for row in four.requests} == {four.summary["makespan_s"]}
     fused = _serve({**one, "num_requests": 4}, scheduler="orca").summary["makespan_s"]
     assert fused < 1.2 * single  # one fused step costs about one batch-one step
-    stretched = _serve({**one, "num_requests": 4}, scheduler="instances",
-                       instance_overhead=0.1).summary["makespan_s"]
-    assert stretched == pytest.approx(1.3 * four.summary["makespan_s"], rel=1e-12)
+
+
+def test_overlapping_instances_pay_launches_and_a_share_of_kernels() -> None:
+    """A round of k equal instances: one whole step, and k − 1 times (launches + share ×
+    kernel time), × (1 + contention (k − 1)²); with one request, its step alone."""
+    share, contention = 0.4, 0.01
+    spec = {"arrival": "burst", "num_requests": 3, "prompt": 8, "output": 2}
+    sets = {"overheads.instances.device_share": share,
+            "overheads.instances.contention": contention}
+    three = _serve(spec, sets, scheduler="instances", bucket=1).summary["makespan_s"]
+    prefill = simulate("gpu_a100.yaml", "llama2-7b", model_set=TWO, phase="prefill", prompt=8)
+    decode = simulate("gpu_a100.yaml", "llama2-7b", model_set=TWO, context=8)
+    rounds = sum(r.latency_s + 2 * (r.launch_s + share * (r.latency_s - r.launch_s))
+                 * (1 + contention * 4) for r in (prefill, decode))
+    assert three == pytest.approx(rounds, rel=1e-12)
+    alone = _serve({**spec, "num_requests": 1}, sets, scheduler="instances", bucket=1)
+    assert alone.summary["makespan_s"] == pytest.approx(
+        prefill.latency_s + decode.latency_s, rel=1e-12)
+    assert prefill.launch_s > 0 and decode.launch_s < decode.latency_s
 
 
 def test_orca_reserves_whole_sequences_and_never_preempts() -> None:
@@ -150,6 +169,72 @@ def _loop(requests: list, **options: object):
     timer = StepTimer(chip, resolve_model("llama2-7b", TWO, None))
     return serve(timer, requests, Options(kv_blocks=500, **options),  # type: ignore[arg-type]
                  chip.memory.dram.capacity, 4096, chip.power.idle)
+
+
+def _timer():
+    from simulator.hardware.loader import load_hardware
+    from simulator.serving.steps import StepTimer
+    from workloads.config import resolve_model
+
+    return StepTimer(load_hardware("gpu_a100.yaml"), resolve_model("llama2-7b", TWO, None),
+                     bucket=1)
+
+
+def test_a_mixed_step_of_one_kind_is_that_step() -> None:
+    """A mixed step of one whole prompt is its prefill exactly; of decodes only, the decode
+    step up to the ops that differ between the two traces (the cache append), within 1 %;
+    and a chunk after cached tokens costs more than the same chunk alone."""
+    timer = _timer()
+    whole, alone = timer.mixed([(96, 0)], []), timer.prefill([96])
+    assert (whole.latency_s, whole.energy_j) == (alone.latency_s, alone.energy_j)
+    for batch, context in ((1, 200), (8, 300)):
+        mixed, decode = timer.mixed([], [context] * batch), timer.decode([context] * batch)
+        assert mixed.latency_s == pytest.approx(decode.latency_s, rel=0.01)
+        assert mixed.energy_j == pytest.approx(decode.energy_j, rel=0.01)
+    assert timer.mixed([(96, 900)], []).latency_s > whole.latency_s
+    both = timer.mixed([(96, 0)], [300] * 8)
+    assert max(whole.latency_s, timer.decode([300] * 8).latency_s) < both.latency_s < (
+        whole.latency_s + timer.decode([300] * 8).latency_s)
+
+
+def test_orca_runs_a_joining_prompt_with_the_running_decodes() -> None:
+    """Selective batching: a request that arrives while another decodes is prefilled in a
+    mixed step with that decode; no step is a prefill of its own, and the first request's
+    tokens keep coming one a step."""
+    spec = {"arrival": "fixed", "rate": "250 /s", "num_requests": 2, "prompt": 64,
+            "output": 12}
+    done = _serve(spec, scheduler="orca", bucket=1, record_steps=True)
+    assert done.summary["steps"]["mixed"] == sum(1 for s in done.steps)
+    assert done.summary["steps"]["prefill"] == done.summary["steps"]["decode"] == 0
+    # 12 tokens for the first, then the second's 12 (the first of them in a shared step)
+    assert len(done.steps) <= 24 and max(s.sequences for s in done.steps) == 2
+    flover = _serve(spec, scheduler="flover", bucket=1).summary
+    assert flover["steps"]["prefill"] == 2 and flover["steps"]["mixed"] == 0
+
+
+def test_sarathi_chunks_long_prompts_within_the_token_budget() -> None:
+    """A 1,000-token prompt under a 250-token budget is prefilled in 4 chunks, its first
+    token after the 4th (the requests behind it wait for budget); the decodes then share
+    each step with the next prompts' chunks."""
+    spec = {"arrival": "fixed", "rate": "2000 /s", "num_requests": 6, "prompt": 1000,
+            "output": 20}
+    done = _serve(spec, scheduler="sarathi", token_budget=250, bucket=1, record_steps=True)
+    s = done.summary
+    assert s["requests"] == 6 and s["steps"]["mixed"] == len(done.steps)
+    first = done.requests[0]
+    timer = _timer()
+    chunks = sum(timer.mixed([(250, 250 * i)], []).latency_s for i in range(4))
+    assert first["ttft_s"] == pytest.approx(chunks, rel=1e-12)
+    vllm = _serve(spec, bucket=1).summary
+    assert s["tpot_s"]["p99"] < vllm["tpot_s"]["p99"]  # no decode waits on a whole prompt
+
+
+def test_sarathi_preempts_under_a_tight_cache_and_completes_everything() -> None:
+    spec = {"arrival": "burst", "num_requests": 24, "prompt": 48, "output": 80}
+    done = _serve(spec, scheduler="sarathi", kv_blocks=40, block_size=16, token_budget=64)
+    assert done.summary["requests"] == 24 and done.summary["preemptions"] > 0
+    assert done.summary["kv_utilisation"]["max"] <= 1.0
+    assert all(row["e2e_s"] > row["ttft_s"] > 0 for row in done.requests)
 
 
 def test_round_robin_replicas_serve_their_shares_as_separate_servers() -> None:

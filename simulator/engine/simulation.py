@@ -7,7 +7,8 @@ their parts under tensor mapping; the same lane under batch mapping), after a se
 launch overhead; without `overlap_ops` it also waits for the previous op (one stream).
 The launch overhead follows the machine's runtime (`overheads.runtime`): eager pays
 `launch` before every kernel; cuda_graphs pays `graph_launch` once per step, after the
-host's input, and `graph_kernel_gap` before every kernel.
+host's input, and `graph_kernel_gap` before every kernel. The launch time paid is kept
+(usage track `launch`).
 
 On one stream each op starts on an idle machine, so its timing depends on its kernels
 alone: each distinct op is simulated once and replayed wherever it recurs (every layer of
@@ -78,6 +79,7 @@ class _Run:
     def _step_start(self, host_bytes: float) -> Process:
         """The host's input, then the step's one graph launch (cuda_graphs)."""
         yield self.env.process(self.machine.host_transfer(host_bytes))
+        self.machine.usage.add("launch", self.step_launch_ns)
         yield self._timeout(self.step_launch_ns)
 
     def _part(self, index: int, part: Part, ready: simpy.Event) -> Process:
@@ -149,6 +151,7 @@ class _Run:
         if self.launch_ns:
             if (wait := self.launcher.acquire()) is not None:
                 yield wait
+            self.machine.usage.add("launch", self.launch_ns)
             yield self._timeout(self.launch_ns)
             self.launcher.release()
 

@@ -313,6 +313,22 @@ class HostLink(Strict):
 Runtime = Literal["eager", "cuda_graphs"]
 
 
+class ConcurrentInstances(Strict):
+    """How model instances that share one device, each on its own stream and host thread
+    (FasterTransformer's concurrent instances), overlap. A round in which k instances each
+    take a step costs the longest step, plus for each other instance its launches and
+    `device_share` of its kernels' time, all of that grown by 1 + `contention` × (k − 1)².
+    The defaults (1, 0) are strict turn-taking: a round costs the sum of the steps."""
+
+    device_share: float = Field(
+        default=1.0, ge=0.0, le=1.0,
+        description="share of an added instance's kernel time the round pays (the rest "
+                    "runs alongside the other instances' kernels)")
+    contention: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="growth of each added instance's cost per (instances − 1)²")
+
+
 class Overheads(Strict):
     """What starting ops costs. A GPU names the host runtime it models: `eager` pays `launch`
     before every kernel; `cuda_graphs` pays `graph_launch` once per step (its kernels captured
@@ -329,6 +345,9 @@ class Overheads(Strict):
     graph_kernel_gap: DelayField = Field(
         default=Delay(), description="cuda_graphs: GPU-side gap before each kernel of a graph")
     barrier: DelayField = Field(default=Delay(), description="cross-core sync after a split op")
+    instances: ConcurrentInstances = Field(
+        default_factory=ConcurrentInstances,
+        description="concurrent model instances sharing the device (serving's `instances`)")
 
     @model_validator(mode="after")
     def _graphs_declared(self) -> Overheads:

@@ -12,12 +12,14 @@ run early: the summary then covers the requests finished so far (`interrupted`).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from simulator.errors import UserError
+from simulator.hardware.schema import ConcurrentInstances
 from simulator.serving.kvcache import BlockManager
 from simulator.serving.metrics import per_request, spread
 from simulator.serving.requests import Request
@@ -25,6 +27,7 @@ from simulator.serving.schedulers import SCHEDULERS, Running, Scheduler, Step
 from simulator.serving.steps import StepCost, StepTimer
 
 ROUTERS = ("round_robin", "least_outstanding")
+STEP_KINDS = ("prefill", "decode", "mixed", "instances")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class Options:
     scheduler: str = "vllm"
     max_sequences: int = 256
     max_tokens: int = 8192
+    #: sarathi: the tokens a step feeds, decodes and prompt chunks (Sarathi-Serve's budget)
+    token_budget: int = 512
     block_size: int = 16
     kv_blocks: int | None = None
     memory_fraction: float = 0.9
@@ -41,8 +46,6 @@ class Options:
     reject: bool = False
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
-    #: instances: a round of k costs (1 + this × (k − 1)) × its steps (an assumption)
-    instance_overhead: float = 0.0
     replicas: int = 1
     router: str = "round_robin"
     #: keep every step (replica, start, end, kind, sequences) for plots and traces
@@ -88,7 +91,7 @@ class Replica:
     kv_time: float = 0.0  # ∫ used blocks dt
     kv_peak: int = 0
     steps: dict[str, int] = field(
-        default_factory=lambda: {"prefill": 0, "decode": 0, "instances": 0})
+        default_factory=lambda: dict.fromkeys(STEP_KINDS, 0))
     sequences_in_steps: int = 0
     served: int = 0
 
@@ -123,16 +126,25 @@ def kv_capacity(timer: StepTimer, options: Options, capacity_bytes: float,
     return blocks, per_token
 
 
-def _cost(timer: StepTimer, step: Step, overhead: float) -> StepCost:
-    """What `step` takes: one batch step, or a round of batch-one instance steps."""
+def _cost(timer: StepTimer, step: Step, sharing: ConcurrentInstances) -> StepCost:
+    """What `step` takes: one batch step, or a round of batch-one instance steps overlapping
+    as `sharing` says (the longest whole; each other its launches and a share of its
+    kernels, grown by contention)."""
     if step.kind == "prefill":
         return timer.prefill([s.request.prompt + s.generated for s in step.sequences])
     if step.kind == "decode":
         return timer.decode([s.cached for s in step.sequences])
-    costs = [timer.prefill([s.request.prompt]) if s.generated == 0 else timer.decode([s.cached])
-             for s in step.sequences]
-    stretch = 1.0 + overhead * (len(costs) - 1)
-    return StepCost(stretch * sum(c.latency_s for c in costs),
+    if step.kind == "mixed":
+        chunks = [(fed, s.request.prompt + s.generated - s.pending)
+                  for s, fed in zip(step.sequences, step.tokens, strict=True) if s.pending]
+        return timer.mixed(chunks, [s.cached for s in step.sequences if not s.pending])
+    costs = sorted((timer.prefill([s.request.prompt]) if s.generated == 0
+                    else timer.decode([s.cached]) for s in step.sequences),
+                   key=lambda c: c.latency_s, reverse=True)
+    others = len(costs) - 1
+    added = sum(c.launch_s + sharing.device_share * (c.latency_s - c.launch_s)
+                for c in costs[1:])
+    return StepCost(costs[0].latency_s + added * (1.0 + sharing.contention * others ** 2),
                     sum(c.energy_j for c in costs))
 
 
@@ -142,7 +154,8 @@ def _admit(requests: list[Request], options: Options, limit: float
     accepted, rejected = [], []
     for request in requests:
         whole = request.prompt + request.output
-        if whole <= limit and request.prompt <= options.max_tokens:
+        if whole <= limit and (request.prompt <= options.max_tokens
+                               or options.scheduler == "sarathi"):  # chunked: any prompt
             accepted.append(request)
         elif options.reject:
             rejected.append(request)
@@ -155,8 +168,11 @@ def _admit(requests: list[Request], options: Options, limit: float
 
 
 def serve(timer: StepTimer, requests: list[Request], options: Options,
-          capacity_bytes: float, max_positions: int | None, idle_w: float) -> ServeResult:
-    """Run `requests` through the server (see the module notes)."""
+          capacity_bytes: float, max_positions: int | None, idle_w: float,
+          sharing: ConcurrentInstances | None = None) -> ServeResult:
+    """Run `requests` through the server (see the module notes); `sharing`: how the
+    `instances` scheduler's instances overlap on a device (default: strict turns)."""
+    sharing = sharing or ConcurrentInstances()
     if options.scheduler not in SCHEDULERS:
         raise UserError("--scheduler", f"expected one of {', '.join(SCHEDULERS)}, not "
                                        f"{options.scheduler!r}")
@@ -167,8 +183,9 @@ def serve(timer: StepTimer, requests: list[Request], options: Options,
         raise UserError("--replicas", f"expected a whole number ≥ 1, not {options.replicas}")
     blocks, per_token = kv_capacity(timer, options, capacity_bytes, max_positions)
     kind = SCHEDULERS[options.scheduler]
-    replicas = [Replica(i, kind(BlockManager(blocks, options.block_size),
-                                options.max_sequences, options.max_tokens))
+    chunked = options.scheduler == "sarathi"
+    replicas = [Replica(i, kind(BlockManager(blocks, options.block_size), options.max_sequences,
+                                options.token_budget if chunked else options.max_tokens))
                 for i in range(options.replicas)]
     accepted, rejected = _admit(requests, options,
                                 min(blocks * options.block_size, max_positions or math.inf))
@@ -205,7 +222,7 @@ def serve(timer: StepTimer, requests: list[Request], options: Options,
             if replica.inside and not pending:
                 raise RuntimeError("the scheduler stalled with requests waiting")
             return
-        cost = _cost(timer, step, options.instance_overhead)
+        cost = _cost(timer, step, sharing)
         if options.record_steps:
             records.append(StepRecord(replica.index, replica.free_s,
                                       replica.free_s + cost.latency_s, step.kind,
@@ -223,7 +240,11 @@ def serve(timer: StepTimer, requests: list[Request], options: Options,
         nonlocal used, inside
         step, replica.step = replica.step, None
         assert step is not None
-        for seq in step.sequences:
+        for seq, fed in itertools.zip_longest(step.sequences, step.tokens, fillvalue=1):
+            if seq.pending:  # a chunk of its prompt: a token once the last chunk is in
+                seq.pending -= fed
+                if seq.pending:
+                    continue
             if not seq.done:
                 seq.generated += 1
                 if seq.first_token_s is None:
@@ -283,7 +304,7 @@ def _summary(options: Options, replicas: list[Replica], done: list[Running],
     good = [r for r in rows if (options.slo_ttft_s is None or r["ttft_s"] <= options.slo_ttft_s)
             and (options.slo_tpot_s is None or r["tpot_s"] <= options.slo_tpot_s)]
     busy = sum(r.busy_s for r in replicas)
-    steps = {k: sum(r.steps[k] for r in replicas) for k in ("prefill", "decode", "instances")}
+    steps = {k: sum(r.steps[k] for r in replicas) for k in STEP_KINDS}
     summary: dict[str, Any] = {
         "scheduler": options.scheduler, "requests": len(rows), "rejected": len(rejected),
         "replicas": len(replicas), "router": options.router,
@@ -304,7 +325,7 @@ def _summary(options: Options, replicas: list[Replica], done: list[Running],
             "max": max(r.kv_peak for r in replicas) / blocks},
         "steps": steps,
         "mean_batch": sum(r.sequences_in_steps for r in replicas) / max(1, sum(steps.values())),
-        "bucket_tokens": options.bucket, "engine_runs": len(timer.memo),
+        "bucket_tokens": options.bucket, "engine_runs": len(timer.memo) + len(timer.splits),
     }
     if len(replicas) > 1:
         summary["requests_per_replica"] = [r.served for r in replicas]

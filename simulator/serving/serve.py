@@ -14,10 +14,12 @@ from simulator.serving.steps import StepTimer
 
 def run_serving(hw: str | Path, model: str, spec: RequestSpec, options: Options, *,
                 model_set: dict[str, str] | None = None, tp: int = 1, pp: int = 1,
-                runtime: str | None = None, hw_set: dict[str, Any] | None = None
-                ) -> ServeResult:
+                runtime: str | None = None, hw_set: dict[str, Any] | None = None,
+                memo: dict[Any, Any] | None = None) -> ServeResult:
     """Serve the requests `spec` makes with `model` on `hw` (a chip or a system file, with
-    `tp` × `pp` devices per replica, dotted `hw_set` overrides) under `options`."""
+    `tp` × `pp` devices per replica, dotted `hw_set` overrides) under `options`. `memo`: the
+    step times of earlier runs of the same model, machine and parallelism, kept across runs
+    (filled in as steps are timed)."""
     from simulator.api import with_runtime
     from simulator.hardware.system import load_machine
     from simulator.parallel import Parallelism, check_degrees
@@ -38,9 +40,11 @@ def run_serving(hw: str | Path, model: str, spec: RequestSpec, options: Options,
     else:
         timer = StepTimer(str(hw), cfg, options.bucket, devices, tp=tp, pp=pp, runtime=runtime,
                           hw_set=hw_set or None)
+    if memo is not None:
+        timer.memo = memo
     positions = cfg.position_limit
     result = serve(timer, requests, options, chip.memory.dram.capacity, positions,
-                   chip.power.idle)
+                   chip.power.idle, chip.overheads.instances)
     result.summary["workload"] = summary(requests)
     result.summary["machine"] = system.name if system is not None else chip.name
     result.summary["model"] = cfg.name
@@ -93,7 +97,7 @@ def rows(result: ServeResult) -> list[tuple[str, str]]:
                                     f"({s['power_w']:.1f} W on average)"),
         ("KV cache", f"{s['kv_blocks']} blocks × {s['kv_block_size']} tokens, use mean "
                      f"{s['kv_utilisation']['mean']:.1%}, max {s['kv_utilisation']['max']:.1%}"),
-        ("steps", f"{s['steps']['prefill']} prefill, {s['steps']['decode']} decode, "
-                  f"{s['mean_batch']:.1f} sequences each on average; {s['engine_runs']} "
+        ("steps", ", ".join(f"{count} {kind}" for kind, count in s["steps"].items() if count)
+                  + f"; {s['mean_batch']:.1f} sequences each on average; {s['engine_runs']} "
                   f"engine runs (lengths in buckets of {s['bucket_tokens']})"),
     ]

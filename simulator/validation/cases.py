@@ -104,7 +104,6 @@ class Serving(BaseModel):
     scheduler: str
     baseline: str | None = None
     requests: dict[str, Any] = Field(description="the request spec (serving.requests)")
-    instance_overhead: float = 0.0
     bucket: int = 16
 
 
@@ -340,6 +339,11 @@ def _generate_s(case: Case) -> float:
     return prefill + n * (steps[0] + 4 * steps[1] + steps[2]) / 6
 
 
+#: serving step times by (machine, overrides, model, its overrides, tp, runtime): the cases
+#: of a table share their steps (a step's time does not depend on the scheduler)
+_STEPS: dict[str, dict[Any, Any]] = {}
+
+
 def _makespan_s(case: Case, scheduler: str) -> float:
     from simulator.serving.loop import Options
     from simulator.serving.requests import load_spec
@@ -347,11 +351,12 @@ def _makespan_s(case: Case, scheduler: str) -> float:
 
     assert case.serving is not None
     spec = load_spec(case.serving.requests, f"{case.id}: serving.requests")
-    options = Options(scheduler=scheduler, bucket=case.serving.bucket,
-                      instance_overhead=(case.serving.instance_overhead
-                                         if scheduler == "instances" else 0.0))
+    options = Options(scheduler=scheduler, bucket=case.serving.bucket)
     done = run_serving(case.hardware, case.model, spec, options,
-                       model_set=_strings(case.model_set), tp=case.tp, runtime=case.runtime)
+                       model_set=_strings(case.model_set), tp=case.tp, runtime=case.runtime,
+                       hw_set=case.hw_set or None, memo=_STEPS.setdefault(json.dumps(
+                           [case.hardware, case.hw_set, case.model, case.model_set, case.tp,
+                            case.runtime], sort_keys=True, default=str), {}))
     return float(done.summary["makespan_s"])
 
 

@@ -21,6 +21,8 @@ class Running:
     finish_s: float | None = None
     preemptions: int = 0
     replica: int = 0
+    #: mixed steps: tokens of its prompt (and outputs to recompute) not yet in the KV cache
+    pending: int = 0
 
     @property
     def cached(self) -> int:
@@ -37,10 +39,13 @@ class Running:
 class Step:
     """One forward: prefill `sequences` (their prompts, plus outputs made before a
     preemption, recomputed), or one decode token for each; or a round of instances (each
-    sequence its own batch-one step: its prefill, or its next token)."""
+    sequence its own batch-one step: its prefill, or its next token); or a mixed step
+    (Orca's selective batching, Sarathi's chunks): each sequence fed its `tokens`, a chunk
+    of its pending prompt, or one token if it is decoding."""
 
-    kind: Literal["prefill", "decode", "instances"]
+    kind: Literal["prefill", "decode", "instances", "mixed"]
     sequences: tuple[Running, ...]
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass

@@ -3,13 +3,14 @@ served by its own instance (up to `max_sequences` of them, its prompt and output
 whole in the KV cache), one request per instance at a time, batch one.
 
 The instances share one device. Each round, every busy instance runs its own step (its
-prompt's prefill, or one decode token); the device runs their kernels interleaved, one
-kernel at a time (a batch-one decode kernel already streams the weights at the bandwidth the
-device gives), so a round takes the sum of the instances' batch-one steps and each instance
-has its token at the round's end. Weights are read once per instance per step: nothing is
-shared between instances but the device. What FasterTransformer loses beyond that (context
-switches, contention) is the `instance_overhead` the serving options name: a round of k
-instances costs (1 + overhead × (k − 1)) × the sum; 0 unless set.
+prompt's prefill, or one decode token) on its own stream, and each has its token at the
+round's end. How their steps overlap is the machine's `overheads.instances`
+(simulator.hardware.schema.ConcurrentInstances): the round costs the longest step, plus
+for each other instance its kernel launches (one host, launches in turn) and
+`device_share` of its kernels' time (the rest runs alongside the others' kernels), grown
+by 1 + `contention` × (k − 1)² for k instances (bandwidth and cache contention). With the
+defaults (1, 0) the instances take strict turns: a round costs the sum of their steps.
+Weights are shared; each instance keeps its own KV cache.
 """
 
 from __future__ import annotations
