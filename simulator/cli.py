@@ -284,6 +284,8 @@ def _validate(argv: Sequence[str]) -> int:
     parser.add_argument("files", nargs="*", help="case files (default: every shipped one)")
     parser.add_argument("--case", action="append", default=[], help="only these case ids")
     parser.add_argument("--format", default="table", choices=("table", "json"))
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes to spread the cases over (default 1; same results)")
     args = parser.parse_args(argv)
     from simulator.validation.cases import load_case_file, run_cases, shipped_case_files
     from simulator.validation.render import render_table, to_json
@@ -296,7 +298,7 @@ def _validate(argv: Sequence[str]) -> int:
         if unknown:
             raise UserError("--case", f"unknown case id(s): {', '.join(sorted(unknown))}")
         cases = [case for case in cases if case.id in args.case]
-    outcomes = run_cases(cases)
+    outcomes = run_cases(cases, args.jobs)
     if args.format == "json":
         print(to_json(outcomes, empirical))
     else:

@@ -14,6 +14,9 @@ class UserError(Exception):
         self.where = where
         self.message = message
 
+    def __reduce__(self) -> tuple:
+        return type(self), (self.where, self.message)  # across processes (validate --jobs)
+
 
 class Infeasible(UserError):
     """Well-formed input this machine cannot run (the model does not fit, a mapping it lacks):

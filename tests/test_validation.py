@@ -27,10 +27,12 @@ def test_every_gated_case_is_within_tolerance(outcomes: dict) -> None:
 
 
 def test_every_shipped_case_file_passes_its_gates() -> None:
-    for path in shipped_case_files():
-        failures = [(o.case.id, f"{o.error:+.1%}") for o in run_cases(load_cases(path))
+    files = {path.name: load_cases(path) for path in shipped_case_files()}
+    outcomes = iter(run_cases([case for cases in files.values() for case in cases], jobs=2))
+    for name, cases in files.items():
+        failures = [(o.case.id, f"{o.error:+.1%}") for o in (next(outcomes) for _ in cases)
                     if not o.passed]
-        assert not failures, path.name
+        assert not failures, name
 
 
 def test_fitted_within_10_and_held_out_within_15_percent(outcomes: dict) -> None:
@@ -190,3 +192,26 @@ def test_bad_case_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     path.write_text("cases:\n- id: x\n  metric: speed\n")
     assert main(["validate", str(path)]) == 2
     assert "cases[0]" in capsys.readouterr().err
+
+
+def test_cases_spread_over_processes_give_the_same_values(outcomes: dict) -> None:
+    cases = load_cases(FPGA_CASES)
+    assert len({case.hardware for case in cases}) > 1  # more than one group to spread
+    spread = run_cases(cases, jobs=2)
+    assert [o.simulated for o in spread] == [outcomes[case.id].simulated for case in cases]
+
+
+def test_an_error_in_a_worker_is_the_users_one_line(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    cases = load_cases(FPGA_CASES)[:1]
+    wrong = cases[0].model_copy(update={"id": "x", "hardware": "gpu_a100.yaml", "hw_set": {},
+                                        "model": "no-such-model"})
+    path = tmp_path / "cases.yaml"
+    path.write_text(yaml.safe_dump({"cases": [
+        {k: v for k, v in c.model_dump(mode="json").items() if v not in (None, {}, [], "")}
+        for c in (*cases, wrong)]}))
+    assert main(["validate", "--jobs", "2", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no-such-model" in err
+    assert main(["validate", "--jobs", "0", str(path)]) == 2
+    assert "--jobs" in capsys.readouterr().err

@@ -421,5 +421,43 @@ def measure(case: Case) -> float:
     return float(getattr(result, case.metric))
 
 
-def run_cases(cases: list[Case]) -> list[Outcome]:
-    return [Outcome(case, measure(case)) for case in cases]
+def _memo_group(case: Case) -> str:
+    """The cases that share memoized runs: a serving table's by its step memo, the rest by
+    machine."""
+    if case.serving is not None:
+        return json.dumps(["serving", case.hardware, case.hw_set, case.model, case.model_set,
+                           case.tp, case.runtime], sort_keys=True, default=str)
+    return json.dumps(["runs", case.hardware])
+
+
+def _measure_all(cases: list[Case]) -> list[float]:
+    return [measure(case) for case in cases]
+
+
+def run_cases(cases: list[Case], jobs: int = 1) -> list[Outcome]:
+    """Each case's outcome, in order. `jobs` > 1 spreads the groups of cases that share
+    memoized runs over that many processes, the costliest first (serving tables on the
+    most devices); the values are the same as in one process."""
+    if jobs < 1:
+        raise UserError("--jobs", f"expected a positive number of processes, not {jobs}")
+    groups: dict[str, list[int]] = {}
+    for number, case in enumerate(cases):
+        groups.setdefault(_memo_group(case), []).append(number)
+    if jobs == 1 or len(groups) == 1:
+        return [Outcome(case, measure(case)) for case in cases]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    def cost(members: list[int]) -> tuple[int, int]:
+        first = cases[members[0]]
+        return (first.serving is not None) * first.tp * len(members), len(members)
+
+    order = sorted(groups.values(), key=cost, reverse=True)
+    values: dict[int, float] = {}
+    with ProcessPoolExecutor(min(jobs, len(order)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [(members, pool.submit(_measure_all, [cases[i] for i in members]))
+                   for members in order]
+        for members, future in futures:
+            values.update(zip(members, future.result(), strict=True))
+    return [Outcome(case, values[number]) for number, case in enumerate(cases)]
