@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from simulator.api import simulate
 from simulator.cli import main
@@ -324,3 +325,20 @@ def test_ctrl_c_prints_the_partial_summary_and_writes_nothing(
     assert 0 < summary["requests"] < 50 and summary["unfinished"] == 50 - summary["requests"]
     assert "interrupted" in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_serving_throughput_case_is_output_tokens_over_the_makespan(tmp_path: Path) -> None:
+    from simulator.validation.cases import load_cases, run_cases
+
+    requests = {"arrival": "burst", "num_requests": 6, "prompt": 32, "output": 8}
+    path = tmp_path / "cases.yaml"
+    path.write_text(yaml.safe_dump({"cases": [{
+        "id": "x", "description": "a static batch", "hardware": "gpu_a100.yaml",
+        "model": "llama2-7b", "model_set": TWO, "metric": "serving_output_tokens_per_s",
+        "serving": {"scheduler": "static", "max_sequences": 4, "requests": requests},
+        "reference": 1000.0, "role": "report", "tolerance": 0.15, "formula": "tokens / s",
+        "formula_source": "here", "source": "here"}]}))
+    (outcome,) = run_cases(load_cases(path))
+    done = _serve(requests, scheduler="static", max_sequences=4)
+    assert done.summary["steps"]["prefill"] == 2  # 6 requests in batches of at most 4
+    assert outcome.simulated == 6 * 8 / done.summary["makespan_s"]

@@ -43,7 +43,8 @@ Metric = Literal["block_latency_s", "blocks_latency_s", "blocks_tokens_per_s", "
                  "tokens_per_s", "power_w", "energy_per_token_j", "memory_bytes",
                  "input_vector_transfer_s", "tflops", "latency_ratio", "memory_ratio",
                  "bandwidth_bytes_per_s", "block_latency_ratio", "alltoall_time_ratio",
-                 "generate_latency_s", "serving_latency_s", "serving_speedup"]
+                 "generate_latency_s", "serving_latency_s", "serving_speedup",
+                 "serving_output_tokens_per_s"]
 Role = Literal["fitted", "held-out", "consistency", "projection", "open", "report"]
 ROLES: tuple[Role, ...] = ("fitted", "held-out", "consistency", "projection", "open", "report")
 #: The standard gate of each gated role (a wider one needs a `gate_reason`).
@@ -51,7 +52,8 @@ GATES: dict[str, float] = {"fitted": 0.10, "held-out": 0.15, "consistency": 0.15
 #: Metrics computed from others by a formula: a case comparing one names it and its source.
 DERIVED = {"tflops", "tokens_per_s", "blocks_tokens_per_s", "energy_per_token_j",
            "latency_ratio", "memory_ratio", "bandwidth_bytes_per_s", "block_latency_ratio",
-           "alltoall_time_ratio", "serving_speedup"}
+           "alltoall_time_ratio", "serving_speedup",
+           "serving_output_tokens_per_s"}
 #: What a kernel case may measure.
 KERNEL_METRICS = ("tflops", "latency_s", "bandwidth_bytes_per_s")
 
@@ -97,7 +99,8 @@ class Versus(BaseModel):
 
 class Serving(BaseModel):
     """A request stream through `simulate serve` (the serving metrics): its makespan
-    (serving_latency_s), or the `baseline` scheduler's over this one's (serving_speedup)."""
+    (serving_latency_s), its output tokens over that (serving_output_tokens_per_s), or the
+    `baseline` scheduler's makespan over this one's (serving_speedup)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -105,6 +108,7 @@ class Serving(BaseModel):
     baseline: str | None = None
     requests: dict[str, Any] = Field(description="the request spec (serving.requests)")
     bucket: int = 16
+    max_sequences: int = Field(256, ge=1, description="the server's batch limit")
 
 
 class Case(BaseModel):
@@ -344,33 +348,37 @@ def _generate_s(case: Case) -> float:
 _STEPS: dict[str, dict[Any, Any]] = {}
 
 
-def _makespan_s(case: Case, scheduler: str) -> float:
+def _served(case: Case, scheduler: str) -> dict[str, Any]:
     from simulator.serving.loop import Options
     from simulator.serving.requests import load_spec
     from simulator.serving.serve import run_serving
 
     assert case.serving is not None
     spec = load_spec(case.serving.requests, f"{case.id}: serving.requests")
-    options = Options(scheduler=scheduler, bucket=case.serving.bucket)
+    options = Options(scheduler=scheduler, bucket=case.serving.bucket,
+                      max_sequences=case.serving.max_sequences)
     done = run_serving(case.hardware, case.model, spec, options,
                        model_set=_strings(case.model_set), tp=case.tp, runtime=case.runtime,
                        hw_set=case.hw_set or None, memo=_STEPS.setdefault(json.dumps(
                            [case.hardware, case.hw_set, case.model, case.model_set, case.tp,
                             case.runtime], sort_keys=True, default=str), {}))
-    return float(done.summary["makespan_s"])
+    return done.summary
 
 
 def _serving(case: Case) -> float:
-    """First arrival to last completion of the case's requests (serving_latency_s), or the
-    baseline scheduler's over the case's scheduler's (serving_speedup)."""
+    """First arrival to last completion of the case's requests (serving_latency_s), output
+    tokens over that (serving_output_tokens_per_s), or the baseline scheduler's makespan
+    over the case's scheduler's (serving_speedup)."""
     if case.serving is None:
         raise UserError(case.id, f"{case.metric} needs 'serving'")
-    mine = _makespan_s(case, case.serving.scheduler)
+    mine = _served(case, case.serving.scheduler)
     if case.metric == "serving_latency_s":
-        return mine
+        return float(mine["makespan_s"])
+    if case.metric == "serving_output_tokens_per_s":
+        return float(mine["output_tokens_per_s"])
     if case.serving.baseline is None:
         raise UserError(case.id, "serving_speedup needs 'serving.baseline'")
-    return _makespan_s(case, case.serving.baseline) / mine
+    return float(_served(case, case.serving.baseline)["makespan_s"] / mine["makespan_s"])
 
 
 def _alltoall_s(result: Result) -> float:
@@ -390,7 +398,7 @@ def measure(case: Case) -> float:
         return _kernel(case, case.kernel)
     if case.metric == "input_vector_transfer_s":
         return _host_transfer_s(case)
-    if case.metric in ("serving_latency_s", "serving_speedup"):
+    if case.metric in ("serving_latency_s", "serving_speedup", "serving_output_tokens_per_s"):
         return _serving(case)
     if case.metric == "generate_latency_s":
         if case.generate < 1:
