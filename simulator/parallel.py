@@ -193,7 +193,7 @@ def _split_op(op: Op, tp: int) -> Op:
     """A device's 1/tp share of an op between a column and a row split."""
     dims = {key: (_divide(value, tp) if key in ("numel", "parallel") else value)
             for key, value in op.dims.items()}
-    return replace(op, ops=_divide(op.ops, tp), input_bytes=_divide(op.input_bytes, tp),
+    return op.evolve(ops=_divide(op.ops, tp), input_bytes=_divide(op.input_bytes, tp),
                    output_bytes=_divide(op.output_bytes, tp),
                    state_read_bytes=_divide(op.state_read_bytes, tp),
                    state_write_bytes=_divide(op.state_write_bytes, tp), dims=dims)
@@ -223,7 +223,7 @@ def split_tensor(trace: Trace, tp: int, sequence: bool = False) -> Trace:
     saved = 0
 
     def emit(op: Op, deps: tuple[int, ...]) -> int:
-        ops.append(replace(op, index=len(ops), deps=deps))
+        ops.append(op.evolve(index=len(ops), deps=deps))
         return len(ops) - 1
 
     def whole(deps: tuple[int, ...], at: Op) -> tuple[int, ...]:
@@ -253,7 +253,7 @@ def split_tensor(trace: Trace, tp: int, sequence: bool = False) -> Trace:
                                         f"{'input' if row else 'output'} features, not {tp}")
             weight = op.weight_bytes // tp
             saved += op.weight_bytes - weight
-            part = replace(op, ops=op.ops // tp, weight_bytes=weight,
+            part = op.evolve(ops=op.ops // tp, weight_bytes=weight,
                            dims={**d, cut: d[cut] // tp, "parallel": _divide(d["parallel"], tp)},
                            input_bytes=op.input_bytes // tp if row else op.input_bytes,
                            output_bytes=op.output_bytes if row else op.output_bytes // tp)
@@ -265,7 +265,7 @@ def split_tensor(trace: Trace, tp: int, sequence: bool = False) -> Trace:
                 index = emit(_collective(op, "allreduce" if row else "allgather", tp), (index,))
             moved[op.index] = index
         elif op.kind == "attention":
-            moved[op.index] = emit(replace(_split_op(op, tp), dims={
+            moved[op.index] = emit(_split_op(op, tp).evolve(dims={
                 **d, "heads": d["heads"] // tp, "kv_heads": d["kv_heads"] // tp,
                 "parallel": _divide(d["parallel"], tp)}), deps)
         elif op.module.startswith(op.layer + ".") and op.kind != "norm" and _is_block(op.layer):
@@ -321,7 +321,7 @@ def tile_attention(trace: Trace, tiles: int) -> Trace:
         end = next((j for j in range(i + 1, len(source)) if source[j].kind == "collective"
                     and source[j].layer == op.layer), None) if op.kind == "attention" else None
         if end is None:
-            ops.append(replace(op, index=len(ops), deps=tuple(moved[d] for d in op.deps)))
+            ops.append(op.evolve(index=len(ops), deps=tuple(moved[d] for d in op.deps)))
             moved[op.index] = len(ops) - 1
             i += 1
             continue
@@ -341,10 +341,10 @@ def tile_attention(trace: Trace, tiles: int) -> Trace:
                     part = token_share(part, 1 / tiles)
                 else:  # this tile's all-reduce, after the previous tile's on the links
                     size = math.ceil(part.input_bytes / tiles)
-                    part = replace(part, input_bytes=size, output_bytes=size,
+                    part = part.evolve(input_bytes=size, output_bytes=size,
                                    dims={**part.dims, "overlap": 1})
                     deps += reduced
-                ops.append(replace(part, index=len(ops), deps=deps))
+                ops.append(part.evolve(index=len(ops), deps=deps))
                 local[part.index] = len(ops) - 1
             reduced = (len(ops) - 1,)
         for j in range(i, end + 1):
@@ -393,7 +393,7 @@ def split_pipeline(trace: Trace, pp: int, held: Table[str, int] | None = None
     traces = []
     for ops in stages:
         index = {op.index: i for i, op in enumerate(ops)}
-        renumbered = tuple(replace(op, index=i, deps=tuple(index[d] for d in op.deps
+        renumbered = tuple(op.evolve(index=i, deps=tuple(index[d] for d in op.deps
                                                            if d in index))
                            for i, op in enumerate(ops))
         layers = dict.fromkeys(op.layer for op in ops)

@@ -173,3 +173,14 @@ def test_python_tags_never_execute(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover - used by benchmarks/fuzz.py
     sys.exit(pytest.main([__file__, "-q", "-k", "mutated"]))
+
+
+@pytest.mark.parametrize("chip", ['""', "gpu_a10.yaml", "/nonexistent/chip.yaml"])
+def test_a_system_whose_chip_cannot_be_found_names_its_own_field(tmp_path: Path,
+                                                                  chip: str) -> None:
+    path = tmp_path / "hw.yaml"
+    path.write_text(TEXTS["hgx_a100_4gpu.yaml"].replace("chip: gpu_a100.yaml",
+                                                        f"chip: {chip}"))
+    code, _, err = run_cli(["--hw", str(path), "--model", "tiny"])
+    assert code == 2 and err.startswith(f"simulate: error: {path}: devices.chip: "), err
+    check(path)

@@ -111,6 +111,11 @@ def load_machine(name: str | Path, overrides: Mapping[str, Any] | None = None
         raise describe_error(exc, shown, node, System) from None
     beside = Path(shown).parent / system.devices.chip
     chip = beside if Path(shown).is_file() and beside.is_file() else system.devices.chip
+    try:
+        locate(chip)
+    except UserError as exc:  # the system file's field is what is wrong
+        raise UserError(f"{shown}: devices.chip",
+                        f"{system.devices.chip!r}: {exc.message}") from None
     return system, load_hardware(chip)
 
 

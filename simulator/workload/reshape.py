@@ -148,22 +148,13 @@ class Reshaper:
                 for number, piece in zip(numbers, plan.pieces[1:], strict=True):
                     text += (str(number), piece)
                 changed["shapes"] = "".join(text)
-            ops.append(_replace(op, changed))
+            ops.append(op.evolve(**changed))
         totals = {name: values[i] for name, i in self.totals.items()}
         return Trace(model=self.template.model, model_key=self.template.model_key,
                      phase=self.phase, batch=batch,
                      context=length if self.phase == "decode" else 0,
                      prompt=length if self.phase == "prefill" else 0, **totals,
                      ops=tuple(ops))
-
-
-def _replace(op: Op, changed: dict[str, object]) -> Op:
-    """`op` with `changed` fields (cheaper than dataclasses.replace on a frozen class)."""
-    fields = dict(op.__dict__)
-    fields.update(changed)
-    new = object.__new__(Op)
-    new.__dict__.update(fields)
-    return new
 
 
 def checked_reshaper(phase: Phase, capture: Capture, longest: int | None
