@@ -155,7 +155,7 @@ def _admit(requests: list[Request], options: Options, limit: float
     for request in requests:
         whole = request.prompt + request.output
         if whole <= limit and (request.prompt <= options.max_tokens
-                               or options.scheduler == "sarathi"):  # chunked: any prompt
+                               or SCHEDULERS[options.scheduler].chunked):
             accepted.append(request)
         elif options.reject:
             rejected.append(request)
@@ -183,9 +183,8 @@ def serve(timer: StepTimer, requests: list[Request], options: Options,
         raise UserError("--replicas", f"expected a whole number ≥ 1, not {options.replicas}")
     blocks, per_token = kv_capacity(timer, options, capacity_bytes, max_positions)
     kind = SCHEDULERS[options.scheduler]
-    chunked = options.scheduler == "sarathi"
     replicas = [Replica(i, kind(BlockManager(blocks, options.block_size), options.max_sequences,
-                                options.token_budget if chunked else options.max_tokens))
+                                options.token_budget if kind.chunked else options.max_tokens))
                 for i in range(options.replicas)]
     accepted, rejected = _admit(requests, options,
                                 min(blocks * options.block_size, max_positions or math.inf))

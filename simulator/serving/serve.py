@@ -40,8 +40,9 @@ def run_serving(hw: str | Path, model: str, spec: RequestSpec, options: Options,
     else:
         timer = StepTimer(str(hw), cfg, options.bucket, devices, tp=tp, pp=pp, runtime=runtime,
                           hw_set=hw_set or None)
-    if memo is not None:
-        timer.memo = memo
+    if memo is not None:  # whole steps and mixed steps' attention splits alike
+        timer.memo = memo.setdefault("steps", {})
+        timer.splits = memo.setdefault("splits", {})
     positions = cfg.position_limit
     result = serve(timer, requests, options, chip.memory.dram.capacity, positions,
                    chip.power.idle, chip.overheads.instances)

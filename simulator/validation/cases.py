@@ -359,9 +359,7 @@ def _served(case: Case, scheduler: str) -> dict[str, Any]:
                       max_sequences=case.serving.max_sequences)
     done = run_serving(case.hardware, case.model, spec, options,
                        model_set=_strings(case.model_set), tp=case.tp, runtime=case.runtime,
-                       hw_set=case.hw_set or None, memo=_STEPS.setdefault(json.dumps(
-                           [case.hardware, case.hw_set, case.model, case.model_set, case.tp,
-                            case.runtime], sort_keys=True, default=str), {}))
+                       hw_set=case.hw_set or None, memo=_STEPS.setdefault(_memo_group(case), {}))
     return done.summary
 
 

@@ -62,6 +62,8 @@ class Scheduler:
     preemptions: int = 0
 
     name = "base"
+    #: prefills prompts in chunks of at most `max_tokens` (so any prompt length is served)
+    chunked = False
 
     def next_step(self, now: float) -> Step | None:
         """The step to run at `now` (None: nothing to run until the next arrival)."""

@@ -22,6 +22,7 @@ class Sarathi(Scheduler):
     watermark: float = 0.01
 
     name = "sarathi"
+    chunked = True
 
     def _preempt_newest(self) -> None:
         victim = self.running.pop()
