@@ -77,19 +77,21 @@ def check_fits(hw: Hardware, trace: Trace) -> None:
 
 def run_trace(hw: Hardware, trace: Trace, mapping: Mapping = "tensor",
               granularity: int = DEFAULT_GRANULARITY, record: bool = False,
-              quant: str | None = None, links: Links | None = None, detail: bool = True
-              ) -> tuple[Result, list[Task], Timeline]:
+              quant: str | None = None, links: Links | None = None, detail: bool = True,
+              fit: bool = True) -> tuple[Result, list[Task], Timeline]:
     """Map and simulate a captured trace; also returns the tasks and timeline.
 
     Refused: a mapping the machine does not declare (`scheduling.mappings`), a granularity
-    below 1, a model that does not fit, a matmul or attention dtype the machine has no rate
+    below 1, a model that does not fit (with `fit`; a training step's memory is its own
+    model, simulator.training.memory), a matmul or attention dtype the machine has no rate
     for (named as the model's torch_dtype, or as the `quant` scheme that set it).
     """
     check_mapping(hw, mapping)
     if isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
         raise UserError("--granularity",
                         f"expected a whole number of chunks ≥ 1, not {granularity!r}")
-    check_fits(hw, trace)
+    if fit:
+        check_fits(hw, trace)
     try:
         tasks = map_trace(trace, hw, mapping, granularity, links)
     except (UnratedDtype, UnsupportedPair) as exc:

@@ -67,19 +67,23 @@ def _pairs(values: Sequence[str], flag: str, parse_value: bool) -> dict[str, Any
     return pairs
 
 
-def _add_model(parser: argparse.ArgumentParser) -> None:
+def _add_model(parser: argparse.ArgumentParser, train: bool = False) -> None:
     parser.add_argument("--model", required=True,
                         help="preset or catalog name (simulate list: 1.3b, llama3-8b, "
                              "mixtral-8x7b, …), its HF id (mistralai/Mistral-7B-v0.1), a "
                              "config.json/YAML path, or python:module:factory (an nn.Module)")
     parser.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. torch_dtype=float32")
-    parser.add_argument("--phase", default=None, choices=("decode", "prefill", "forward"),
+    phases = ("decode", "prefill", "forward", *(("train",) if train else ()))
+    parser.add_argument("--phase", default=None, choices=phases,
                         help="one new token per sequence (decode, a causal LM's default), "
                              "the whole prompt (prefill), or one pass of an encoder or vision "
-                             "model (forward, its default)")
-    parser.add_argument("--batch", type=int, default=1,
-                        help="sequences, or images for a vision model (default 1)")
+                             "model (forward, its default)"
+                             + ("; a training step (train)" if train else ""))
+    parser.add_argument("--batch", type=int, default=None if train else 1,
+                        help="sequences, or images for a vision model (default 1)"
+                             + ("; train: the global batch of sequences per step (default: "
+                                "one per --dp replica)" if train else ""))
     parser.add_argument("--moe-routing", default=None, metavar="POLICY",
                         help="MoE models: tokens per expert: balanced (default), random:SEED, "
                              "zipf:S[:SEED] or file:PATH (per-layer histogram)")
@@ -91,9 +95,11 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=None,
                         help="decode: tokens already in the KV cache/state (default 2048, "
                              "or the model's positions − 1 if fewer)")
-    parser.add_argument("--prompt", type=int, default=None,
+    parser.add_argument("--prompt", *(("--seq-len",) if train else ()), type=int, default=None,
+                        dest="prompt",
                         help="prefill: prompt tokens (default 2048, or the model's positions "
-                             "if fewer)")
+                             "if fewer)" + ("; train: the sequence length (--seq-len)"
+                                            if train else ""))
 
 
 def _version() -> str:
@@ -124,7 +130,8 @@ def _run_parser() -> argparse.ArgumentParser:
                         help="hardware YAML: a path, or a shipped file name (simulate list)")
     parser.add_argument("--hw-set", action="append", default=[], metavar="PATH=VALUE",
                         help="override a dotted YAML path, e.g. clock=\"54 MHz\"")
-    _add_model(parser)
+    _add_model(parser, train=True)
+    _add_training(parser)
     parser.add_argument("--mapping", default="tensor", choices=("tensor", "batch"),
                         help="split every op across the cores (tensor, default) or give each "
                              "core its own sequences (batch)")
@@ -175,6 +182,71 @@ def _run_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_training(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (--phase train)")
+    group.add_argument("--micro-batch", type=int, default=None,
+                       help="sequences per micro-batch; gradient accumulation runs the rest "
+                            "of --batch (default: all of it at once)")
+    group.add_argument("--recompute", default=None, choices=("none", "selective", "full"),
+                       help="activation checkpointing: none (default), selective (the "
+                            "attention kernel) or full (every block from its input)")
+    group.add_argument("--optimizer", default=None, choices=("adamw", "sgd"),
+                       help="AdamW (default) or SGD with momentum, over fp32 master weights")
+    group.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3),
+                       help="ZeRO stage over the --dp replicas: 1 partitions the optimizer, "
+                            "2 also the gradients, 3 also the weights (default 0)")
+    for flag, what in (("--offload", "activations,optimizer"),
+                       ("--lora", "rank=R,modules=q,v[,shared_down=true]"),
+                       ("--chunk", "FPDT chunk tokens")):
+        group.add_argument(flag, default=None, metavar="VALUE", help=f"{what} (not modelled "
+                           "yet: refused)")
+
+
+#: Training flags and what an inference run has instead; inference flags a training step
+#: does not take yet, with their neutral values.
+_TRAIN_ONLY = ("micro_batch", "recompute", "optimizer", "zero", "offload", "lora", "chunk")
+_NOT_IN_TRAINING = {"context": None, "quant": None, "moe_routing": None, "mapping": "tensor",
+                    "runtime": None, "tp": 1, "tp_sp": False, "tp_overlap": 1, "pp": 1,
+                    "micro_batches": 1, "pp_interleave": 1, "sp": 1, "ep": 1,
+                    "placement": None, "ep_mode": "combine", "granularity": None}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _run_training(args: argparse.Namespace) -> int:
+    from simulator.training import simulate_training
+
+    for dest, neutral in _NOT_IN_TRAINING.items():
+        if getattr(args, dest) != neutral:
+            raise UserError(_flag(dest), "is not modelled for --phase train yet (data "
+                            "parallelism and ZeRO are: --dp, --zero); expected it left out")
+    for dest in ("offload", "lora", "chunk"):
+        if getattr(args, dest) is not None:
+            raise UserError(_flag(dest), "is not modelled yet; expected it left out")
+    result = simulate_training(
+        args.hw, args.model, batch=args.dp if args.batch is None else args.batch,
+        seq_len=args.prompt, micro_batch=args.micro_batch,
+        recompute=args.recompute or "none", optimizer=args.optimizer or "adamw",
+        dp=args.dp, zero=args.zero or 0, hw_set=_pairs(args.hw_set, "--hw-set", True),
+        model_set=_pairs(args.model_set, "--model-set", False), trace_file=args.trace,
+        plot_dir=args.plot, use_cache=not args.no_cache)
+    if args.format == "csv":
+        raise UserError("--format csv", "a training step has no per-layer rows yet; expected "
+                        "table or json")
+    if args.format == "json":
+        print(result.to_json())
+    else:
+        from simulator.table import render_training
+
+        render_training(result)
+    if result.out_of_memory:
+        print(f"simulate: --hw {args.hw}: {result.out_of_memory}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _run(argv: Sequence[str]) -> int:
     from simulator.api import simulate
     from simulator.files import check_output_file, check_output_folder
@@ -185,6 +257,12 @@ def _run(argv: Sequence[str]) -> int:
         check_output_file(args.trace, "--trace")
     if args.plot is not None:
         check_output_folder(args.plot, "--plot")
+    if args.phase == "train":
+        return _run_training(args)
+    args.batch = 1 if args.batch is None else args.batch
+    for dest in _TRAIN_ONLY:
+        if getattr(args, dest) is not None:
+            raise UserError(_flag(dest), "applies to --phase train; expected it left out")
     result = simulate(
         args.hw, args.model, phase=args.phase, batch=args.batch,
         context=args.context, prompt=args.prompt, mapping=args.mapping,

@@ -12,6 +12,7 @@ from simulator.report import Result, SystemShare
 
 if TYPE_CHECKING:
     from simulator.oprun import KernelResult
+    from simulator.training import TrainingResult
 
 
 def _si(value: float, unit: str) -> str:
@@ -188,3 +189,46 @@ def render_kernel(result: KernelResult, console: Console | None = None,
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def render_training(result: TrainingResult, console: Console | None = None) -> None:
+    """Print a training step's time, throughput, MFU, memory per device and breakdown."""
+    console = console or Console()
+    table = Table(title=f"{result.model} training on {result.hardware}", box=box.SIMPLE_HEAD,
+                  show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    micro = (f", micro-batch {result.micro_batch} × {result.micro_batches}"
+             if result.micro_batches > 1 else "")
+    rows = [
+        ("phase", f"train (batch {result.batch} × {result.seq_len} tokens{micro})"),
+        *([("data parallel", f"{result.dp} replicas, ZeRO stage {result.zero}")]
+          if result.dp > 1 else []),
+        ("recompute / optimizer", f"{result.recompute} / {result.optimizer} (fp32 master)"),
+        ("step time", _si(result.step_time_s, "s")),
+        ("throughput", _rate(result.tokens_per_s)),
+        ("model TFLOP/s per GPU", f"{result.model_tflops_per_gpu:.1f}"),
+        ("MFU / HFU", f"{result.mfu:.1%} / {result.hfu:.1%}"),
+        ("average power", _si(result.power_w, "W")),
+        ("energy per token", _si(result.energy_per_token_j, "J")),
+        ("peak memory (largest device)", _bytes(result.peak_memory_bytes)),
+    ]
+    groups: dict[tuple, list[str]] = {}  # identical replicas shown once
+    for device in result.devices:
+        key = (device.peak_memory_bytes, device.capacity_bytes, device.peak_time_s,
+               tuple(device.at_peak_bytes.items()))
+        groups.setdefault(key, []).append(device.device)
+    for (peak, capacity, when, held), names in groups.items():
+        label = names[0] if len(names) == 1 else f"each of {len(names)} devices"
+        rows.append((f"  {label}", f"{_bytes(peak)} of {_bytes(capacity)} at "
+                     f"{_si(when, 's')}"))
+        rows += [(f"    {name}", _bytes(size)) for name, size in held]
+    rows.append(("time by stage", ""))
+    rows += [(f"  {stage}", f"{_si(seconds, 's')} ({seconds / result.step_time_s:.1%})")
+             for stage, seconds in result.stage_time_s.items() if seconds]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"[dim]{result.flops_formula}[/dim]")
+    if result.out_of_memory:
+        console.print(f"[bold red]{result.out_of_memory}[/bold red]")

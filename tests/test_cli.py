@@ -116,7 +116,7 @@ BAD = [
     (["--hw", "fpga_1core.yaml", "--model", "tiny", "--context", "-1"], "--context"),
     (["--hw", "fpga_1core.yaml", "--model", "tiny", "--phase", "prefill", "--prompt", "0"],
      "--prompt"),
-    (["--hw", "fpga_1core.yaml", "--model", "tiny", "--phase", "train"], "--phase"),
+    (["--hw", "fpga_1core.yaml", "--model", "tiny", "--phase", "sideways"], "--phase"),
     (["--hw", "fpga_1core.yaml", "--model", "tiny", "--mapping", "pipeline"], "--mapping"),
     (["--hw", "fpga_1core.yaml", "--model", "tiny", "--hw-set", "clock=54"], "has no unit"),
     (["--hw", "fpga_1core.yaml", "--model", "tiny", "--hw-set", "clock=54 GB"],

@@ -26,7 +26,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    """Original layer `layer`'s attention; `slot` is its KV cache in the step's State."""
+    """Original layer `layer`'s attention; `slot` is its KV cache in the step's State (a
+    State without caches: attention over the step's own keys, as in training)."""
 
     def __init__(self, cfg: ModelConfig, layer: int, slot: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -50,11 +51,13 @@ class Attention(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys, values = state.keys[self.slot], state.values[self.slot]
-        end = state.position + t
-        keys[:, :, state.position:end].copy_(k)
-        values[:, :, state.position:end].copy_(v)
-        out = ops.attention(q, keys[:, :, :end], values[:, :, :end], t > 1)
+        if state.keys:  # the step's keys and values join the cache
+            keys, values = state.keys[self.slot], state.values[self.slot]
+            end = state.position + t
+            keys[:, :, state.position:end].copy_(k)
+            values[:, :, state.position:end].copy_(v)
+            k, v = keys[:, :, :end], values[:, :, :end]
+        out = ops.attention(q, k, v, t > 1)  # no cache (a training step): its own keys
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 

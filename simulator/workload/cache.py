@@ -12,8 +12,10 @@ import contextlib
 import functools
 import hashlib
 import os
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import Any, TypeVar
 
 from platformdirs import user_cache_dir
 
@@ -23,11 +25,12 @@ from simulator.workload.trace import FORMAT_VERSION, Phase, Trace
 from workloads import config as model_configs
 from workloads.models import AnyModel
 
+T = TypeVar("T")
 _HERE = Path(__file__).resolve().parent
 #: The code that determines a trace: the model builders (workloads/*.py) and the capture.
 SOURCES: tuple[Path, ...] = (
     *sorted(Path(model_configs.__file__).resolve().parent.glob("*.py")),
-    _HERE / "capture.py", _HERE / "trace.py")
+    _HERE / "capture.py", _HERE / "trace.py", _HERE / "training.py")
 
 
 def _version(package: str) -> str:
@@ -98,12 +101,32 @@ def get_trace(cfg: AnyModel, phase: Phase, batch: int, context: int, prompt: int
     return _remember(path, trace)
 
 
+def cached(cfg: AnyModel, shape: str, use_cache: bool, load: Callable[[str], T],
+           dump: Callable[[T], str], make: Callable[[], T]) -> T:
+    """A value of `cfg` at `shape` (another kind of trace: a training step's) from the
+    cache, else made by `make` and cached; keyed like `get_trace`'s traces."""
+    text = f"{FORMAT_VERSION}/{code_hash()}/{cfg.key()}/{shape}"
+    path = cache_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+    if use_cache and (known := _RECENT.get(path)) is not None:
+        return known  # type: ignore[return-value]
+    if use_cache and path.is_file():
+        try:
+            return _remember(path, load(path.read_text(encoding="utf-8")))  # type: ignore[arg-type]
+        except (ValueError, TypeError, KeyError, OSError):
+            path.unlink(missing_ok=True)
+    value = make()
+    if use_cache:
+        with contextlib.suppress(UserError):
+            write_atomic(path, dump(value), "cache", make_parents=True)
+    return _remember(path, value)  # type: ignore[arg-type]
+
+
 #: Traces this process used last (they are immutable): a sweep reads each file once.
-_RECENT: dict[Path, Trace] = {}
+_RECENT: dict[Path, Any] = {}
 _RECENT_SIZE = 8
 
 
-def _remember(path: Path, trace: Trace) -> Trace:
+def _remember(path: Path, trace: T) -> T:
     _RECENT.pop(path, None)
     _RECENT[path] = trace
     while len(_RECENT) > _RECENT_SIZE:

@@ -31,19 +31,26 @@ _FACTORIES = {"empty", "zeros", "ones", "full", "scalar_tensor", "lift_fresh", "
               "alias", "new_empty", "new_zeros"}
 _ALIASING = {"_unsafe_view", "_reshape_alias"}
 _ACTIVATION = {"sigmoid", "silu", "exp", "tanh", "gelu", "rsqrt", "sqrt", "log", "cos", "sin",
-               "erf", "reciprocal", "relu", "relu_"}
+               "erf", "reciprocal", "relu", "relu_", "gelu_backward", "silu_backward",
+               "sigmoid_backward", "tanh_backward", "threshold_backward"}
 _REDUCTION = {"sum", "mean", "amax", "amin", "max", "min", "prod", "var", "std", "argmax",
               "topk", "max_pool2d_with_indices", "avg_pool2d", "_adaptive_avg_pool2d"}
 #: aten's own normalisations (LayerNorm, BatchNorm at inference, GroupNorm, RMSNorm).
 _NORM = {"native_layer_norm", "native_batch_norm", "_native_batch_norm_legit_no_training",
-         "native_group_norm", "_fused_rms_norm", "rms_norm"}
+         "native_group_norm", "_fused_rms_norm", "rms_norm", "native_layer_norm_backward",
+         "native_group_norm_backward", "native_batch_norm_backward", "_fused_rms_norm_backward"}
 #: In-place writes of some entries (a KV cache's new entries, an expert's tokens added into
 #: the MoE output): they move and work on the new values, not the whole tensor written into.
 _INDEXED_WRITES = {"index_copy_", "index_put_", "index_add_", "scatter_", "scatter_add_"}
-_SOFTMAX = {"_softmax", "_safe_softmax", "softmax", "_log_softmax"}
+_SOFTMAX = {"_softmax", "_safe_softmax", "softmax", "_log_softmax", "_softmax_backward_data",
+            "_log_softmax_backward_data"}
 _MEMORY = {"copy_", "clone", "cat", "stack", "index_copy", "index_copy_"}
 _CUSTOM: dict[str, OpKind] = {"ternary_matmul": "ternary_matmul", "rms_norm": "norm",
-                              "attention": "attention", "hgrn_scan": "recurrence"}
+                              "attention": "attention", "hgrn_scan": "recurrence",
+                              "rms_norm_backward": "norm", "attention_backward": "attention"}
+#: FlashAttention-2's backward runs 5 matmuls where the forward runs 2 [FA-2 §3.1.2]: its
+#: FLOPs are 2.5 × the forward's (the convention of its benchmark script).
+ATTENTION_BACKWARD_FLOPS = 2.5
 _MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution"}
 #: A block of a model: the shortest module path that ends in an index (`layers.3`,
 #: `model.layers.3`, `transformer.h.3`, `vit.encoder.layer.3`, `layer2.1`).
@@ -118,15 +125,21 @@ def _work(kind: OpKind, name: str, args: tuple[Any, ...], ins: list[torch.Tensor
         dims = {"m": m, "n": n, "k": k, "batch": batch, "parallel": batch * n}
         return 2 * batch * m * n * k, dims
     if kind == "attention":
-        q, k = ins[0], ins[1]
+        backward = name == "attention_backward"  # (grad, q, k, v, out, causal, window)
+        at = 1 if backward else 0
+        q, k = ins[at], ins[at + 1]
         b, h, sq, d = q.shape
         sk = k.shape[2]
-        causal, window = bool(args[3]), int(args[4]) if len(args) > 4 else 0
+        flags = args[3 + 2 * at:]
+        causal, window = bool(flags[0]), int(flags[1]) if len(flags) > 1 else 0
         pairs = attention_pairs(sq, sk, causal, window)
         dims = {"batch": b, "heads": h, "kv_heads": k.shape[1], "q_len": sq, "kv_len": sk,
                 "head_dim": d, "causal": int(causal), "pairs": pairs, "parallel": b * h}
         if window:  # only where there is one, so other traces read as before
             dims["window"] = window
+        if backward:
+            dims["backward"] = 1
+            return int(ATTENTION_BACKWARD_FLOPS * 4 * b * h * d * pairs), dims
         return 4 * b * h * d * pairs, dims
     largest = outs[0] if kind == "embedding" else max([*ins, *outs], key=lambda t: t.numel())
     numel = largest.numel()
@@ -183,6 +196,10 @@ class _Recorder(TorchDispatchMode):
             self._record(name, namespace, args, ins, outs, mutated)
         return out
 
+    def module_now(self) -> str:
+        """The module path of the op being recorded."""
+        return self.modules[-1] if self.modules else ""
+
     def enter_leaf(self, inputs: list[torch.Tensor]) -> None:
         self.leaf = inputs
 
@@ -231,7 +248,7 @@ class _Recorder(TorchDispatchMode):
         # an indexed write works on its new values, not on the whole tensor it writes into
         ops, dims = (_work(kind, name, args, ins, outs) if indexed is None
                      else _work(kind, name, args, [indexed], [indexed]))
-        module = self.modules[-1] if self.modules else ""
+        module = self.module_now()
         first = ins[0] if kind in {"matmul", "attention", "reduction", "softmax"} else outs[0]
         dtype = "int8" if kind == "ternary_matmul" else _DTYPES.get(first.dtype, "fp32")
         self.ops.append(Op(

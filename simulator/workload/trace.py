@@ -12,7 +12,11 @@ from typing import Literal
 
 OpKind = Literal["matmul", "ternary_matmul", "attention", "norm", "recurrence", "softmax",
                  "reduction", "activation", "elementwise", "embedding", "memory", "collective"]
-Phase = Literal["decode", "prefill", "forward"]
+Phase = Literal["decode", "prefill", "forward", "train"]
+#: What part of a training step an op belongs to (simulator.workload.training): the
+#: forward, the backward's activation-gradient and weight-gradient work, a recomputed
+#: forward (activation checkpointing) or the optimizer; "" in an inference trace.
+Stage = Literal["", "fwd", "bwd_act", "bwd_weight", "recompute", "optim"]
 #: Op kinds that run on a matrix or ternary unit; all others run on a vector unit.
 MATRIX_KINDS = frozenset({"matmul", "ternary_matmul", "attention"})
 FORMAT_VERSION = 1
@@ -47,6 +51,8 @@ class Op:
     shapes: str
     #: matmuls: the dtype the weights are stored in, where it is not `dtype` (W4A16: int4)
     weight_dtype: str = ""
+    #: training traces: the part of the step the op belongs to (see Stage)
+    stage: Stage = ""
 
     def evolve(self, **changes: object) -> Op:
         """A copy with `changes` (dataclasses.replace without its per-call field walk: the
@@ -94,6 +100,9 @@ class Trace:
     def to_json(self) -> str:
         data = asdict(self)
         data["format"] = FORMAT_VERSION
+        for op in data["ops"]:  # inference traces read as they always have
+            if not op["stage"]:
+                del op["stage"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @classmethod

@@ -1,0 +1,35 @@
+"""The FLOP convention of training throughput, defined once.
+
+Model FLOPs of one sequence of s tokens: 6·N·s + 12·L·h·s² (N parameters, embeddings
+included and a tied matrix once, L layers, hidden size h). The first term is the forward
+(2·N·s) and backward (4·N·s) of every weight; the second the attention scores and their
+product with V, forward and backward, *not* halved for a causal mask. This is the formula
+FlashAttention-2 states for its end-to-end GPT results (arXiv 2307.08691 §4.3, following
+Megatron-LM's), so MFU here is comparable with its Table 1. MFU is the model FLOPs per
+second per device over the device's peak matrix rate in the compute dtype; HFU counts the
+FLOPs the trace executes instead (recomputation included, attention backward at 2.5× its
+forward as FlashAttention-2 counts it, a causal mask halving the attention work).
+"""
+
+from __future__ import annotations
+
+from simulator.errors import UserError
+from simulator.hardware import Hardware
+
+FORMULA = ("model FLOPs = sequences × (6·N·s + 12·L·h·s²) [FlashAttention-2 §4.3]; "
+           "MFU = model FLOPs / step time / devices / peak matrix FLOP/s")
+
+
+def model_flops(params: int, layers: int, hidden: int, seq_len: int, sequences: int) -> float:
+    """Model FLOPs of `sequences` sequences of `seq_len` tokens (see the module notes)."""
+    return float(sequences * (6 * params * seq_len + 12 * layers * hidden * seq_len ** 2))
+
+
+def peak_flops(hw: Hardware, dtype: str) -> float:
+    """The machine's peak matrix FLOP/s in `dtype` (every core's matrix unit)."""
+    rates = [unit.ops_per_cycle[dtype] for unit in hw.cores.units.values()
+             if unit.kind == "matrix" and dtype in unit.ops_per_cycle]
+    if not rates:
+        raise UserError("--hw", f"{hw.name} has no matrix unit rated for {dtype} "
+                        "(cores.units.*.ops_per_cycle); expected one to train on")
+    return max(rates) * hw.cores.count * hw.core_clock
