@@ -195,9 +195,10 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3),
                        help="ZeRO stage over the --dp replicas: 1 partitions the optimizer, "
                             "2 also the gradients, 3 also the weights (default 0)")
-    for flag, what in (("--offload", "activations,optimizer"),
-                       ("--lora", "rank=R,modules=q,v[,shared_down=true]"),
-                       ("--chunk", "FPDT chunk tokens")):
+    group.add_argument("--lora", default=None, metavar="rank=R,modules=q,v[,shared_down=true]",
+                       help="low-rank adapters on those linears, the base frozen (shared_down: "
+                            "Block-LoRA's shared down-projection, blocks=N, default 4)")
+    for flag, what in (("--offload", "activations,optimizer"), ("--chunk", "FPDT chunk tokens")):
         group.add_argument(flag, default=None, metavar="VALUE", help=f"{what} (not modelled "
                            "yet: refused)")
 
@@ -222,14 +223,15 @@ def _run_training(args: argparse.Namespace) -> int:
         if getattr(args, dest) != neutral:
             raise UserError(_flag(dest), "is not modelled for --phase train yet (data "
                             "parallelism and ZeRO are: --dp, --zero); expected it left out")
-    for dest in ("offload", "lora", "chunk"):
+    for dest in ("offload", "chunk"):
         if getattr(args, dest) is not None:
             raise UserError(_flag(dest), "is not modelled yet; expected it left out")
     result = simulate_training(
         args.hw, args.model, batch=args.dp if args.batch is None else args.batch,
         seq_len=args.prompt, micro_batch=args.micro_batch,
         recompute=args.recompute or "none", optimizer=args.optimizer or "adamw",
-        dp=args.dp, zero=args.zero or 0, hw_set=_pairs(args.hw_set, "--hw-set", True),
+        dp=args.dp, zero=args.zero or 0, lora=args.lora,
+        hw_set=_pairs(args.hw_set, "--hw-set", True),
         model_set=_pairs(args.model_set, "--model-set", False), trace_file=args.trace,
         plot_dir=args.plot, use_cache=not args.no_cache)
     if args.format == "csv":

@@ -16,6 +16,7 @@ from simulator.hardware import load_hardware
 from simulator.training import simulate_training
 from simulator.training.flops import model_flops
 from simulator.workload.capture import capture
+from simulator.workload.lora import parse_lora
 from simulator.workload.trace import MATRIX_KINDS, Op
 from simulator.workload.training import (
     OPTIMIZER_OPS,
@@ -228,7 +229,7 @@ def test_out_of_memory_names_the_device_and_what_dominates(capsys) -> None:
 
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--zero", "2"], "--zero"),
-    (["--lora", "rank=8,modules=q,v"], "--lora"),
+    (["--offload", "optimizer"], "--offload"),
     (["--tp", "2"], "--tp"),
     (["--context", "10"], "--context"),
     (["--micro-batch", "3"], "--micro-batch"),
@@ -303,3 +304,34 @@ def test_zero_needs_replicas(capsys) -> None:
                      "--zero", "2"], "--zero", "--dp")
     refused(capsys, ["--hw", "gpu_a100.yaml", "--model", "gpt2", "--phase", "train",
                      "--batch", "2", "--dp", "2"], "--dp", "one chip")
+
+
+@pytest.mark.parametrize("spec", ["rank=8,modules=q,v", "rank=8,modules=q,v,shared_down=true"])
+def test_a_frozen_base_has_no_weight_gradients_or_optimizer_state(traces, spec: str) -> None:
+    lora = parse_lora(spec)
+    training = capture_training(_cfg(LLAMA), 2, 64, lora=lora)
+    ops_ = training.trace.ops
+    base = {op.module for op in traces[("llama2-7b", "none")].trace.ops
+            if op.stage == "fwd" and op.kind == "matmul" and op.weight_bytes}
+    adapted = {m for m in base if m.endswith(("q_proj", "v_proj"))}
+    # the only weight-gradient GEMMs are the adapters' (a rank-8 output or input)
+    for op in ops_:
+        if op.stage == "bwd_weight" and op.kind == "matmul":
+            assert op.module in adapted and 8 in (op.dims["m"], op.dims["n"]), op.shapes
+    updates = [op for op in ops_ if op.stage == "optim"]
+    down = 4096 // (4 if lora.shared_down else 1)
+    per_linear = 8 * 4096 + (0 if lora.shared_down else 8 * down)
+    shared = 8 * down if lora.shared_down else 0
+    assert sum(op.dims["numel"] for op in updates) == training.trainable
+    assert training.trainable == len(adapted) * per_linear + shared
+    assert training.state_bytes == 8 * training.trainable
+    assert training.params > 100 * training.trainable
+    grads = sum(b.bytes for b in training.buffers if b.category == "gradients")
+    assert grads == 2 * training.trainable
+
+
+def test_lora_flag_errors_are_one_line(capsys) -> None:
+    base = ["--hw", "gpu_a100.yaml", "--model", "gpt2", "--phase", "train", "--lora"]
+    refused(capsys, [*base, "rank=0,modules=q"], "--lora")
+    refused(capsys, [*base, "rank=4,modules=nothing"], "--lora", "no linear")
+    refused(capsys, [*base, "rank=4,modules=c_attn,alpha=3"], "--lora", "alpha")

@@ -81,6 +81,10 @@ class System(Strict):
         return self.devices.per_node * self.nodes
 
 
+#: An override of a system's chip file (`--hw-set chip.scheduling.fused_attention=false`).
+CHIP = "chip."
+
+
 def is_system(data: Any) -> bool:
     """Whether parsed YAML describes a system (it names its devices) rather than one chip."""
     return isinstance(data, dict) and "devices" in data and "cores" not in data
@@ -89,7 +93,8 @@ def is_system(data: Any) -> bool:
 def load_machine(name: str | Path, overrides: Mapping[str, Any] | None = None
                  ) -> tuple[System | None, Hardware]:
     """A hardware file by path or shipped name, with dotted `--hw-set` overrides: a system
-    (with the chip its devices are) or one chip (None, the chip)."""
+    (with the chip its devices are; a path under `chip.` overrides the chip's file) or one
+    chip (None, the chip)."""
     from simulator.hardware.loader import (
         apply_overrides,
         describe_error,
@@ -101,6 +106,9 @@ def load_machine(name: str | Path, overrides: Mapping[str, Any] | None = None
 
     shown, text = locate(name)
     data, node = parse_yaml(text, shown)
+    overrides = dict(overrides or {})
+    on_chip = {key[len(CHIP):]: overrides.pop(key) for key in list(overrides)
+               if key.startswith(CHIP)} if is_system(data) else {}
     if overrides and isinstance(data, dict):
         apply_overrides(data, overrides, "--hw-set")
     if not is_system(data):
@@ -116,7 +124,7 @@ def load_machine(name: str | Path, overrides: Mapping[str, Any] | None = None
     except UserError as exc:  # the system file's field is what is wrong
         raise UserError(f"{shown}: devices.chip",
                         f"{system.devices.chip!r}: {exc.message}") from None
-    return system, load_hardware(chip)
+    return system, load_hardware(chip, on_chip or None)
 
 
 def load_system(name: str | Path, overrides: Mapping[str, Any] | None = None

@@ -2,7 +2,9 @@
 
 Model FLOPs of one sequence of s tokens: 6·N·s + 12·L·h·s² (N parameters, embeddings
 included and a tied matrix once, L layers, hidden size h). The first term is the forward
-(2·N·s) and backward (4·N·s) of every weight; the second the attention scores and their
+(2·N·s) and backward (4·N·s: activation and weight gradients) of every weight; with a
+frozen base (LoRA) only the N_t trainable weights have weight gradients, and the term is
+4·N·s + 2·N_t·s (6·N·s again when every weight trains). The second the attention scores and their
 product with V, forward and backward, *not* halved for a causal mask. This is the formula
 FlashAttention-2 states for its end-to-end GPT results (arXiv 2307.08691 §4.3, following
 Megatron-LM's), so MFU here is comparable with its Table 1. MFU is the model FLOPs per
@@ -16,13 +18,18 @@ from __future__ import annotations
 from simulator.errors import UserError
 from simulator.hardware import Hardware
 
-FORMULA = ("model FLOPs = sequences × (6·N·s + 12·L·h·s²) [FlashAttention-2 §4.3]; "
-           "MFU = model FLOPs / step time / devices / peak matrix FLOP/s")
+FORMULA = ("model FLOPs = sequences × (6·N·s + 12·L·h·s²) [FlashAttention-2 §4.3; a "
+           "frozen base: 4·N·s + 2·N_trainable·s]; MFU = model FLOPs / step time / devices "
+           "/ peak matrix FLOP/s")
 
 
-def model_flops(params: int, layers: int, hidden: int, seq_len: int, sequences: int) -> float:
-    """Model FLOPs of `sequences` sequences of `seq_len` tokens (see the module notes)."""
-    return float(sequences * (6 * params * seq_len + 12 * layers * hidden * seq_len ** 2))
+def model_flops(params: int, layers: int, hidden: int, seq_len: int, sequences: int,
+                trainable: int | None = None) -> float:
+    """Model FLOPs of `sequences` sequences of `seq_len` tokens (see the module notes);
+    `trainable` (default all `params`) weights get weight gradients."""
+    trained = params if trainable is None else trainable
+    return float(sequences * ((4 * params + 2 * trained) * seq_len
+                              + 12 * layers * hidden * seq_len ** 2))
 
 
 def peak_flops(hw: Hardware, dtype: str) -> float:

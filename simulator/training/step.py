@@ -116,7 +116,7 @@ def check_step(batch: int, micro_batch: int | None, seq_len: int) -> int:
 def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch: int = 1,
                       seq_len: int | None = None, micro_batch: int | None = None,
                       recompute: Recompute = "none", optimizer: Optimizer = "adamw",
-                      dp: int = 1, zero: int = 0,
+                      dp: int = 1, zero: int = 0, lora: str | None = None,
                       hw_set: dict[str, Any] | None = None,
                       model_set: dict[str, str] | None = None,
                       trace_file: str | Path | None = None,
@@ -126,8 +126,9 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
     `dp` data-parallel replicas take an equal share each) of `seq_len` tokens (default 2048,
     or the model's positions if fewer) in micro-batches of `micro_batch`, `recompute` (none,
     selective: attention, full: every block), `optimizer` (adamw, sgd with momentum) over
-    fp32 master weights, ZeRO stage `zero` (simulator.training.data_parallel). A step that
-    does not fit is still timed; `out_of_memory` says where and why."""
+    fp32 master weights, ZeRO stage `zero` (simulator.training.data_parallel), `lora`
+    adapters on a frozen base (simulator.workload.lora). A step that does not fit is still
+    timed; `out_of_memory` says where and why."""
     from simulator.api import run_trace
     from simulator.hardware.system import load_machine
     from simulator.parallel import links_of
@@ -160,7 +161,13 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
                         f"length ≤ {limit}, not {seq_len}")
     dtype = compute_dtype(cfg)
     peak = peak_flops(machine, dtype)
-    training = get_training_trace(cfg, micro, seq_len, recompute, optimizer, use_cache)
+    adapters = None
+    if lora is not None:
+        from simulator.workload.lora import parse_lora
+
+        adapters = parse_lora(lora)
+    training = get_training_trace(cfg, micro, seq_len, recompute, optimizer, use_cache,
+                                  adapters)
     share = replica(training, dp, zero)
     links = links_of(system) if system is not None and dp > 1 else None
     result, _, timeline = run_trace(machine, share.trace, fit=False,
@@ -224,7 +231,7 @@ class _Step:
         energy_j = (dynamic + static_w * step_s) * self.dp
         tokens = self.batch * training.trace.prompt
         flops = model_flops(training.params, training.layers, training.hidden,
-                            training.trace.prompt, self.batch)
+                            training.trace.prompt, self.batch, training.trainable)
         executed = self.batch // self.micro * sum(
             op.ops for op in ops[:first] if op.kind in MATRIX_KINDS)
         share = self.share

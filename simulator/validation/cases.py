@@ -44,7 +44,8 @@ Metric = Literal["block_latency_s", "blocks_latency_s", "blocks_tokens_per_s", "
                  "input_vector_transfer_s", "tflops", "latency_ratio", "memory_ratio",
                  "bandwidth_bytes_per_s", "block_latency_ratio", "alltoall_time_ratio",
                  "generate_latency_s", "serving_latency_s", "serving_speedup",
-                 "serving_output_tokens_per_s"]
+                 "serving_output_tokens_per_s", "model_tflops_per_gpu", "mfu", "step_time_s",
+                 "peak_memory_bytes"]
 Role = Literal["fitted", "held-out", "consistency", "projection", "open", "report"]
 ROLES: tuple[Role, ...] = ("fitted", "held-out", "consistency", "projection", "open", "report")
 #: The standard gate of each gated role (a wider one needs a `gate_reason`).
@@ -53,7 +54,7 @@ GATES: dict[str, float] = {"fitted": 0.10, "held-out": 0.15, "consistency": 0.15
 DERIVED = {"tflops", "tokens_per_s", "blocks_tokens_per_s", "energy_per_token_j",
            "latency_ratio", "memory_ratio", "bandwidth_bytes_per_s", "block_latency_ratio",
            "alltoall_time_ratio", "serving_speedup",
-           "serving_output_tokens_per_s"}
+           "serving_output_tokens_per_s", "model_tflops_per_gpu", "mfu"}
 #: What a kernel case may measure.
 KERNEL_METRICS = ("tflops", "latency_s", "bandwidth_bytes_per_s")
 
@@ -111,6 +112,19 @@ class Serving(BaseModel):
     max_sequences: int = Field(256, ge=1, description="the server's batch limit")
 
 
+class Training(BaseModel):
+    """A training step (`--phase train`): `batch` is the global batch of sequences and
+    `prompt` their length (simulator.training)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    micro_batch: int | None = Field(None, ge=1)
+    dp: int = Field(1, ge=1)
+    zero: int = Field(0, ge=0, le=3)
+    recompute: Literal["none", "selective", "full"] = "none"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+
+
 class Case(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -122,7 +136,7 @@ class Case(BaseModel):
     kernel: Kernel | None = None
     versus: Versus | None = None
     model_set: dict[str, Any] = Field(default_factory=dict)
-    phase: Literal["decode", "prefill", "forward"] = "decode"
+    phase: Literal["decode", "prefill", "forward", "train"] = "decode"
     batch: int = 1
     context: int = 2048
     prompt: int = 2048
@@ -141,6 +155,8 @@ class Case(BaseModel):
     generate: int = 0
     #: serving metrics: the request stream and its schedulers
     serving: Serving | None = None
+    #: phase train: the step's parallelism, recomputation and optimizer
+    training: Training | None = None
     metric: Metric
     reference: float
     source: str
@@ -390,8 +406,21 @@ def _alltoall_s(result: Result) -> float:
 _RUNS: dict[str, Result] = {}
 
 
+def _train(case: Case) -> float:
+    from simulator.training import simulate_training
+
+    step = case.training or Training()
+    result = simulate_training(
+        case.hardware, case.model, batch=case.batch, seq_len=case.prompt,
+        micro_batch=step.micro_batch, recompute=step.recompute, optimizer=step.optimizer,
+        dp=step.dp, zero=step.zero, hw_set=case.hw_set, model_set=_strings(case.model_set))
+    return float(getattr(result, case.metric))
+
+
 def measure(case: Case) -> float:
     """The simulator's value of the case's metric."""
+    if case.phase == "train":
+        return _train(case)
     if case.kernel is not None:
         return _kernel(case, case.kernel)
     if case.metric == "input_vector_transfer_s":
@@ -430,6 +459,8 @@ def measure(case: Case) -> float:
 def _memo_group(case: Case) -> str:
     """The cases that share memoized runs: a serving table's by its step memo, the rest by
     machine."""
+    if case.phase == "train":  # one capture and step each: apart from the inference runs
+        return json.dumps(["train", case.hardware, case.model])
     if case.serving is not None:
         return json.dumps(["serving", case.hardware, case.hw_set, case.model, case.model_set,
                            case.tp, case.runtime], sort_keys=True, default=str)

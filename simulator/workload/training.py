@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from simulator.errors import UserError
 from simulator.workload.capture import _hook_paths, _layer, _nbytes, _Recorder
+from simulator.workload.lora import Lora, apply_lora
 from simulator.workload.trace import Op, Stage, Trace
 from workloads.config import ModelConfig
 from workloads.hf_config import HFConfig, moe_layers
@@ -105,13 +106,16 @@ class TrainingTrace:
 
 
 def get_training_trace(cfg: AnyModel, micro_batch: int, seq_len: int, recompute: Recompute,
-                       optimizer: Optimizer, use_cache: bool = True) -> TrainingTrace:
+                       optimizer: Optimizer, use_cache: bool = True,
+                       lora: Lora | None = None) -> TrainingTrace:
     """The training trace, from the trace cache when present, else captured (and cached)."""
     from simulator.workload.cache import cached
 
-    key = f"train/{micro_batch}/{seq_len}/{recompute}/{optimizer}"
+    key = f"train/{micro_batch}/{seq_len}/{recompute}/{optimizer}" + (
+        f"/{lora.key()}" if lora else "")
     return cached(cfg, key, use_cache, TrainingTrace.from_json, TrainingTrace.to_json,
-                  lambda: capture_training(cfg, micro_batch, seq_len, recompute, optimizer))
+                  lambda: capture_training(cfg, micro_batch, seq_len, recompute, optimizer,
+                                           lora))
 
 
 @dataclass
@@ -292,8 +296,8 @@ def _model(cfg: AnyModel, ids: torch.Tensor) -> tuple[torch.nn.Module, Any, int,
 
 
 def capture_training(cfg: AnyModel, micro_batch: int, seq_len: int,
-                     recompute: Recompute = "none", optimizer: Optimizer = "adamw"
-                     ) -> TrainingTrace:
+                     recompute: Recompute = "none", optimizer: Optimizer = "adamw",
+                     lora: Lora | None = None) -> TrainingTrace:
     """Capture one micro-batch of `micro_batch` sequences of `seq_len` tokens (forward,
     loss, backward), then add the optimizer step."""
     check_trainable(cfg)
@@ -305,6 +309,8 @@ def capture_training(cfg: AnyModel, micro_batch: int, seq_len: int,
                         f"{optimizer!r}")
     ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
     model, run, layers, hidden = _model(cfg, ids)
+    if lora is not None:
+        apply_lora(model, lora)
     params = list(dict.fromkeys(model.parameters()))
     roles = dict.fromkeys((id(p) for p in params), "weight")
     roles.update(dict.fromkeys((id(b) for b in model.buffers()), "weight"))
@@ -325,6 +331,9 @@ def capture_training(cfg: AnyModel, micro_batch: int, seq_len: int,
         for handle in handles:
             handle.remove()
     grads = {recorder._base(p.grad) for p in params if p.grad is not None}
+    if not grads:
+        raise UserError("--lora" if lora else "--phase train", f"{cfg.name}: no parameter "
+                        "gets a gradient; expected trainable weights")
     ops = _split_backward(recorder, grads)
     trainable = [p for p in params if p.requires_grad]
     ops += _optimizer_ops(model, trainable, len(ops), optimizer)
