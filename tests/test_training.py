@@ -172,6 +172,9 @@ def test_full_checkpointing_lowers_the_peak(a100) -> None:
     assert full.step_time_s > plain.step_time_s
     assert full.hfu > full.mfu * plain.hfu / plain.mfu  # recompute is hardware work only
     assert full.model_flops == plain.model_flops
+    for layer in ("transformer.h.0", "transformer.h.1"):  # a block keeps only its input
+        assert full.saved_activation_bytes[layer] == 4 * 512 * 768 * 2
+        assert plain.saved_activation_bytes[layer] > 10 * full.saved_activation_bytes[layer]
 
 
 def test_micro_batches_repeat_the_forward_and_backward(a100) -> None:

@@ -85,6 +85,20 @@ def _row(held: Mapping[str, int], extra: Mapping[str, int], live: Mapping[str, i
                  + (grads if name == "gradients" else 0) for name in CATEGORIES)
 
 
+def saved_for_backward(ops: Sequence[Op], buffers: Sequence[Buffer]) -> dict[str, int]:
+    """Per layer, in model order: the activation bytes its forward leaves for the backward
+    (made by a forward op, last read by a backward or recompute op)."""
+    saved: dict[str, int] = {}
+    for op in ops:
+        if op.stage == "fwd":
+            saved.setdefault(op.layer, 0)
+    for buffer in buffers:
+        if (buffer.category == "activations" and buffer.free >= 0
+                and ops[buffer.alloc].stage == "fwd" and ops[buffer.free].stage != "fwd"):
+            saved[ops[buffer.alloc].layer] += buffer.bytes
+    return saved
+
+
 def dominant(sample: MemorySample) -> tuple[str, int]:
     """The category holding the most bytes in `sample`."""
     name, size = max(zip(CATEGORIES, sample.bytes, strict=True), key=lambda pair: pair[1])

@@ -41,6 +41,18 @@ def memory_plot(result: TrainingResult, ax: Any) -> None:
               else f"capacity {capacity:.1f} GiB (off scale)", title_fontsize=8)
 
 
+def saved_plot(result: TrainingResult, ax: Any) -> None:
+    """Per layer: the activations its forward keeps for the backward."""
+    names = list(result.saved_activation_bytes)
+    ax.bar(range(len(names)), [result.saved_activation_bytes[n] / GIB for n in names],
+           color=COLOURS["activations"])
+    step = max(1, len(names) // 16)
+    ax.set_xticks(range(0, len(names), step), names[::step], rotation=45, ha="right",
+                  fontsize=7)
+    ax.set(ylabel="kept for the backward (GiB)",
+           title="activations each layer keeps (one micro-batch)")
+
+
 def timeline_csv(result: TrainingResult) -> str:
     assert result.timeline is not None
     rows = [",".join(["time_s", *(f"{c}_bytes" for c in CATEGORIES), "total_bytes"])]
@@ -52,8 +64,10 @@ def timeline_csv(result: TrainingResult) -> str:
 def save_memory_plot(result: TrainingResult, folder: str | Path) -> list[Path]:
     """Write memory_timeline.png and memory_timeline.csv into `folder`."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, (ax, per_layer) = plt.subplots(2, 1, figsize=(10, 8), height_ratios=(3, 2))
     memory_plot(result, ax)
+    saved_plot(result, per_layer)
+    fig.tight_layout()
     root = Path(folder)
     try:
         png = save_figure(fig, root / "memory_timeline.png")

@@ -18,7 +18,13 @@ from simulator.errors import UserError
 from simulator.hardware import Hardware
 from simulator.training.data_parallel import Replica
 from simulator.training.flops import FORMULA, model_flops, peak_flops
-from simulator.training.memory import GIB, MemoryTimeline, dominant, memory_timeline
+from simulator.training.memory import (
+    GIB,
+    MemoryTimeline,
+    dominant,
+    memory_timeline,
+    saved_for_backward,
+)
 from simulator.workload.trace import MATRIX_KINDS
 from simulator.workload.training import (
     CATEGORIES,
@@ -81,6 +87,8 @@ class TrainingResult:
     energy_per_token_j: float
     peak_memory_bytes: int
     devices: tuple[DeviceMemory, ...]
+    #: per layer (model order): activation bytes its forward keeps for the backward
+    saved_activation_bytes: dict[str, int]
     #: None where the step fits; else which device runs out, by how much, and why
     out_of_memory: str | None
     parameters: int
@@ -268,6 +276,7 @@ class _Step:
             flops_formula=f"{FORMULA} ({self.dtype}: {self.peak * 1e-12:.1f} TFLOP/s)",
             stage_time_s=stage_s, power_w=energy_j / step_s if step_s else 0.0,
             energy_j=energy_j, energy_per_token_j=energy_j / tokens,
-            peak_memory_bytes=top.total, devices=devices, out_of_memory=oom,
+            peak_memory_bytes=top.total, devices=devices,
+            saved_activation_bytes=saved_for_backward(ops, share.buffers), out_of_memory=oom,
             parameters=training.params, trainable_parameters=training.trainable,
             timeline=memory)
