@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import refused
 
 from simulator.cli import main
 from simulator.hardware import load_hardware
@@ -24,7 +25,6 @@ from simulator.workload.training import (
     capture_training,
     get_training_trace,
 )
-from tests.cli_helpers import refused
 from workloads import ops
 from workloads.config import resolve_model
 

@@ -28,8 +28,6 @@ from simulator.training.memory import (
 from simulator.workload.trace import MATRIX_KINDS
 from simulator.workload.training import (
     CATEGORIES,
-    OPTIMIZERS,
-    RECOMPUTE,
     Optimizer,
     Recompute,
     TrainingTrace,
@@ -141,15 +139,10 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
     from simulator.hardware.system import load_machine
     from simulator.parallel import links_of
     from simulator.training.data_parallel import check_zero, replica
-    from simulator.workload.training import get_training_trace
+    from simulator.workload.training import check_options, get_training_trace
     from workloads.config import resolve_model
 
-    if recompute not in RECOMPUTE:
-        raise UserError("--recompute", f"expected one of {', '.join(RECOMPUTE)}, not "
-                        f"{recompute!r}")
-    if optimizer not in OPTIMIZERS:
-        raise UserError("--optimizer", f"expected one of {', '.join(OPTIMIZERS)}, not "
-                        f"{optimizer!r}")
+    check_options(recompute, optimizer)
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1 or batch % dp:
         raise UserError("--dp", f"expected a divisor of --batch {batch} (each replica takes "
                         f"an equal share of the sequences), not {dp!r}")

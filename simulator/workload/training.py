@@ -295,18 +295,23 @@ def _model(cfg: AnyModel, ids: torch.Tensor) -> tuple[torch.nn.Module, Any, int,
     return model, loss, cfg.depth, cfg.hidden_size
 
 
-def capture_training(cfg: AnyModel, micro_batch: int, seq_len: int,
-                     recompute: Recompute = "none", optimizer: Optimizer = "adamw",
-                     lora: Lora | None = None) -> TrainingTrace:
-    """Capture one micro-batch of `micro_batch` sequences of `seq_len` tokens (forward,
-    loss, backward), then add the optimizer step."""
-    check_trainable(cfg)
+def check_options(recompute: str, optimizer: str) -> None:
+    """Refuse an unknown recomputation or optimizer in one line."""
     if recompute not in RECOMPUTE:
         raise UserError("--recompute", f"expected one of {', '.join(RECOMPUTE)}, not "
                         f"{recompute!r}")
     if optimizer not in OPTIMIZERS:
         raise UserError("--optimizer", f"expected one of {', '.join(OPTIMIZERS)}, not "
                         f"{optimizer!r}")
+
+
+def capture_training(cfg: AnyModel, micro_batch: int, seq_len: int,
+                     recompute: Recompute = "none", optimizer: Optimizer = "adamw",
+                     lora: Lora | None = None) -> TrainingTrace:
+    """Capture one micro-batch of `micro_batch` sequences of `seq_len` tokens (forward,
+    loss, backward), then add the optimizer step."""
+    check_trainable(cfg)
+    check_options(recompute, optimizer)
     ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
     model, run, layers, hidden = _model(cfg, ids)
     if lora is not None:
