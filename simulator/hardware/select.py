@@ -105,3 +105,13 @@ def check_mapping(hw: Hardware, mapping: str) -> None:
         raise Infeasible(f"--mapping {mapping}",
                          f"{hw.source}: scheduling.mappings is [{', '.join(declared)}]; "
                          f"expected {' or '.join(declared)}")
+
+
+def peak_flops(hw: Hardware, dtype: str) -> float:
+    """The machine's peak matrix FLOP/s in `dtype` (every core's matrix unit)."""
+    rates = [unit.ops_per_cycle[dtype] for unit in hw.cores.units.values()
+             if unit.kind == "matrix" and dtype in unit.ops_per_cycle]
+    if not rates:
+        raise UserError("--hw", f"{hw.name} has no matrix unit rated for {dtype} "
+                        "(cores.units.*.ops_per_cycle); expected one to train on")
+    return max(rates) * hw.cores.count * hw.core_clock

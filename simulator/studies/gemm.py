@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from simulator.hardware import Hardware, load_hardware
+from simulator.hardware.select import peak_flops
 from simulator.oprun import gemm_op, run_op
 from simulator.studies import out_folder, write_csv
 
@@ -23,8 +24,7 @@ GEMV_NK = (4096, 8192)
 
 
 def peak_tflops(hw: Hardware, dtype: str = "bf16") -> float:
-    unit = next(u for u in hw.cores.units.values() if u.kind == "matrix")
-    return unit.ops_per_cycle[dtype] * hw.cores.count * hw.core_clock * 1e-12
+    return peak_flops(hw, dtype) * 1e-12
 
 
 def _row(hw: Hardware, kind: str, m: int, n: int, k: int) -> dict[str, object]:

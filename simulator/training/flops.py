@@ -15,8 +15,9 @@ forward as FlashAttention-2 counts it, a causal mask halving the attention work)
 
 from __future__ import annotations
 
-from simulator.errors import UserError
-from simulator.hardware import Hardware
+from simulator.hardware.select import peak_flops
+
+__all__ = ["FORMULA", "model_flops", "peak_flops"]
 
 FORMULA = ("model FLOPs = sequences × (6·N·s + 12·L·h·s²) [FlashAttention-2 §4.3; a "
            "frozen base: 4·N·s + 2·N_trainable·s]; MFU = model FLOPs / step time / devices "
@@ -30,13 +31,3 @@ def model_flops(params: int, layers: int, hidden: int, seq_len: int, sequences: 
     trained = params if trainable is None else trainable
     return float(sequences * ((4 * params + 2 * trained) * seq_len
                               + 12 * layers * hidden * seq_len ** 2))
-
-
-def peak_flops(hw: Hardware, dtype: str) -> float:
-    """The machine's peak matrix FLOP/s in `dtype` (every core's matrix unit)."""
-    rates = [unit.ops_per_cycle[dtype] for unit in hw.cores.units.values()
-             if unit.kind == "matrix" and dtype in unit.ops_per_cycle]
-    if not rates:
-        raise UserError("--hw", f"{hw.name} has no matrix unit rated for {dtype} "
-                        "(cores.units.*.ops_per_cycle); expected one to train on")
-    return max(rates) * hw.cores.count * hw.core_clock

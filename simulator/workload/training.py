@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -327,7 +327,7 @@ def capture_training(cfg: AnyModel, micro_batch: int, seq_len: int,
             block.forward = _checkpoint(block.forward, recorder, path)  # type: ignore[method-assign]
     selective = _recomputed_attention(recorder) if recompute == "selective" else None
     try:
-        with recorder, selective or _nothing():
+        with recorder, selective or nullcontext():
             loss = run()
             _tag([loss], "")
             recorder.stage = "bwd"
@@ -354,11 +354,6 @@ def capture_training(cfg: AnyModel, micro_batch: int, seq_len: int,
         grad_bytes=sum(_nbytes(p) for p in trainable), master_bytes=4 * count if wide else 0,
         state_bytes=4 * OPTIMIZER_STATES[optimizer] * count, layers=layers, hidden=hidden,
         recompute=recompute, optimizer=optimizer)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def _split_backward(recorder: _TrainingRecorder, grads: set[int]) -> list[Op]:
