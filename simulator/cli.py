@@ -198,18 +198,21 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lora", default=None, metavar="rank=R,modules=q,v[,shared_down=true]",
                        help="low-rank adapters on those linears, the base frozen (shared_down: "
                             "Block-LoRA's shared down-projection, blocks=N, default 4)")
-    for flag, what in (("--offload", "activations,optimizer"), ("--chunk", "FPDT chunk tokens")):
-        group.add_argument(flag, default=None, metavar="VALUE", help=f"{what} (not modelled "
-                           "yet: refused)")
+    group.add_argument("--offload", default=None, metavar="activations",
+                       help="copy the activation checkpoints to host memory and prefetch "
+                            "them for the backward (needs --recompute full; optimizer "
+                            "offload is not modelled yet: refused)")
+    group.add_argument("--chunk", default=None, metavar="VALUE",
+                       help="FPDT chunk tokens (not modelled yet: refused)")
 
 
 #: Training flags and what an inference run has instead; inference flags a training step
 #: does not take yet, with their neutral values.
 _TRAIN_ONLY = ("micro_batch", "recompute", "optimizer", "zero", "offload", "lora", "chunk")
 _NOT_IN_TRAINING = {"context": None, "quant": None, "moe_routing": None, "mapping": "tensor",
-                    "runtime": None, "tp": 1, "tp_sp": False, "tp_overlap": 1, "pp": 1,
-                    "micro_batches": 1, "pp_interleave": 1, "sp": 1, "ep": 1,
-                    "placement": None, "ep_mode": "combine", "granularity": None}
+                    "runtime": None, "tp_sp": False, "tp_overlap": 1, "micro_batches": 1,
+                    "pp_interleave": 1, "ep": 1, "placement": None,
+                    "ep_mode": "combine", "granularity": None}
 
 
 def _flag(dest: str) -> str:
@@ -221,16 +224,17 @@ def _run_training(args: argparse.Namespace) -> int:
 
     for dest, neutral in _NOT_IN_TRAINING.items():
         if getattr(args, dest) != neutral:
-            raise UserError(_flag(dest), "is not modelled for --phase train yet (data "
-                            "parallelism and ZeRO are: --dp, --zero); expected it left out")
-    for dest in ("offload", "chunk"):
-        if getattr(args, dest) is not None:
-            raise UserError(_flag(dest), "is not modelled yet; expected it left out")
+            raise UserError(_flag(dest), "is not modelled for --phase train yet (data, "
+                            "tensor, pipeline and sequence parallelism and ZeRO are: --dp, --tp, "
+                            "--pp, --sp, --zero); expected it left out")
+    if args.chunk is not None:
+        raise UserError("--chunk", "is not modelled yet; expected it left out")
     result = simulate_training(
         args.hw, args.model, batch=args.dp if args.batch is None else args.batch,
         seq_len=args.prompt, micro_batch=args.micro_batch,
         recompute=args.recompute or "none", optimizer=args.optimizer or "adamw",
-        dp=args.dp, zero=args.zero or 0, lora=args.lora,
+        dp=args.dp, tp=args.tp, pp=args.pp, sp=args.sp, zero=args.zero or 0, lora=args.lora,
+        offload=args.offload,
         hw_set=_pairs(args.hw_set, "--hw-set", True),
         model_set=_pairs(args.model_set, "--model-set", False), trace_file=args.trace,
         plot_dir=args.plot, use_cache=not args.no_cache)

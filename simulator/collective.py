@@ -62,16 +62,18 @@ class CollectiveResult:
 
 
 def run_collective(system: System, kind: str, nbytes: float, devices: int | None = None,
-                   algorithm: str = "ring") -> CollectiveResult:
+                   algorithm: str = "ring", stride: int = 1) -> CollectiveResult:
     """Time one `kind` collective of `nbytes` over the first `devices` devices of `system`
-    (default: all) on otherwise idle links."""
+    (default: all; every `stride`-th from device 0, a data-parallel group across tensor-
+    parallel ones) on otherwise idle links."""
     if kind not in KINDS:
         raise UserError("simulate op", f"expected one of {', '.join(KINDS)}, not {kind!r}")
     if algorithm not in ALGORITHMS:
         raise UserError("--algorithm", f"expected one of {', '.join(ALGORITHMS)}, not "
                                        f"{algorithm!r}")
     count = system.count if devices is None else devices
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= system.count:
+    if (isinstance(count, bool) or not isinstance(count, int)
+            or not 1 <= (count - 1) * stride + 1 <= system.count):
         raise UserError("--devices", f"expected 1 … {system.count} ({system.name} has "
                                      f"{system.count} devices), not {devices!r}")
     runs = {"tree": "allreduce", "nvls": "allreduce", "hierarchical": "alltoall"}
@@ -87,7 +89,8 @@ def run_collective(system: System, kind: str, nbytes: float, devices: int | None
         raise UserError("--bytes", f"expected a size above zero, e.g. 1GiB, not {nbytes!r}")
     env = simpy.Environment()
     network = Network(env, system, system.count)
-    env.process(network.collective(kind, nbytes, list(range(count)), algorithm))
+    ranks = list(range(0, count * stride, stride))
+    env.process(network.collective(kind, nbytes, ranks, algorithm))
     env.run()
     return CollectiveResult(system.name, kind, algorithm, count, nbytes, env.now * 1e-9)
 

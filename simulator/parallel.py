@@ -411,8 +411,8 @@ def links_of(system: System, matrices: Table[str, Matrix] | None = None
     matrices = matrices or {}
 
     @cache
-    def timed(kind: str, nbytes: int, devices: int) -> float:
-        return run_collective(system, kind, nbytes, devices).latency_s * 1e9
+    def timed(kind: str, nbytes: int, devices: int, stride: int) -> float:
+        return run_collective(system, kind, nbytes, devices, stride=stride).latency_s * 1e9
 
     @cache
     def uneven(matrix: Matrix) -> float:
@@ -422,7 +422,7 @@ def links_of(system: System, matrices: Table[str, Matrix] | None = None
         matrix = matrices.get(op.module)
         if matrix is not None:
             return uneven(matrix)
-        return timed(op.fn, op.input_bytes, op.dims["devices"])
+        return timed(op.fn, op.input_bytes, op.dims["devices"], op.dims.get("stride", 1))
 
     return link
 

@@ -204,6 +204,11 @@ def render_training(result: TrainingResult, console: Console | None = None) -> N
         ("phase", f"train (batch {result.batch} × {result.seq_len} tokens{micro})"),
         *([("data parallel", f"{result.dp} replicas, ZeRO stage {result.zero}")]
           if result.dp > 1 else []),
+        *([("tensor parallel", f"{result.tp} devices per replica")] if result.tp > 1 else []),
+        *([("sequence parallel", f"{result.sp} devices per replica (Ulysses)")]
+          if result.sp > 1 else []),
+        *([("pipeline", f"{result.pp} stages, 1F1B, bubble {result.bubble_fraction:.1%}")]
+          if result.pp > 1 else []),
         ("recompute / optimizer", f"{result.recompute} / {result.optimizer} (fp32 master)"),
         ("step time", _si(result.step_time_s, "s")),
         ("throughput", _rate(result.tokens_per_s)),

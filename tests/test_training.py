@@ -16,6 +16,15 @@ from simulator.cli import main
 from simulator.hardware import load_hardware
 from simulator.training import simulate_training
 from simulator.training.flops import model_flops
+from simulator.training.offload import offload_checkpoints
+from simulator.training.pipeline import (
+    StageTimes,
+    one_f_one_b,
+    run_one_f_one_b,
+    split_stages,
+)
+from simulator.training.sequence_parallel import split_sequence_training
+from simulator.training.tensor_parallel import split_training
 from simulator.workload.capture import capture
 from simulator.workload.lora import parse_lora
 from simulator.workload.trace import MATRIX_KINDS, Op
@@ -232,8 +241,8 @@ def test_out_of_memory_names_the_device_and_what_dominates(capsys) -> None:
 
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--zero", "2"], "--zero"),
-    (["--offload", "optimizer"], "--offload"),
-    (["--tp", "2"], "--tp"),
+    (["--chunk", "4096"], "--chunk"),
+    (["--pp-interleave", "2"], "--pp-interleave"),
     (["--context", "10"], "--context"),
     (["--micro-batch", "3"], "--micro-batch"),
     (["--quant", "w8a8"], "--quant"),
@@ -338,3 +347,216 @@ def test_lora_flag_errors_are_one_line(capsys) -> None:
     refused(capsys, [*base, "rank=0,modules=q"], "--lora")
     refused(capsys, [*base, "rank=4,modules=nothing"], "--lora", "no linear")
     refused(capsys, [*base, "rank=4,modules=c_attn,alpha=3"], "--lora", "alpha")
+
+
+@pytest.mark.parametrize("name", [m[0] for m in MODELS])
+def test_tensor_parallelism_splits_the_matrix_work_exactly(traces, name: str) -> None:
+    """Per device: 1/tp of every GEMM (the vocabulary padded to a multiple of tp), the
+    heads, and the split linears' parameters, gradients and optimizer state; per block two
+    all-reduces forward (after the row splits) and two backward (the column splits' input
+    gradients, q/k/v summed before theirs)."""
+    whole = traces[(name, "none")]
+    tp = 4
+    split = split_training(whole, tp)
+    for stage in ("fwd", "bwd_act", "bwd_weight"):
+        ours = _weight_matmuls(split.trace.ops, stage)
+        for module, flops in _weight_matmuls(whole.trace.ops, stage).items():
+            if module == "lm_head":
+                assert ours[module] * tp >= flops
+            else:
+                assert ours[module] * tp == flops, (stage, module)
+    heads = [op.dims["heads"] for op in split.trace.ops if op.kind == "attention"]
+    assert heads and all(h * tp == 12 if name == "gpt2" else h * tp == 32 for h in heads)
+    reduces = Counter((op.stage, op.layer) for op in split.trace.ops
+                      if op.kind == "collective" and op.fn == "allreduce")
+    blocks = [layer for layer in dict.fromkeys(op.layer for op in whole.trace.ops)
+              if layer.rpartition(".")[2].isdigit()]
+    for layer in blocks:
+        assert reduces[("fwd", layer)] == 2 and reduces[("bwd_act", layer)] == 2, layer
+    pairs = zip((op for op in whole.trace.ops if op.stage == "optim"),
+                (op for op in split.trace.ops if op.stage == "optim"), strict=True)
+    replicated = sum(ours.dims["numel"] for op, ours in pairs
+                     if ours.dims["numel"] == op.dims["numel"])
+    assert replicated < whole.trainable / 20  # norms, biases of row splits, positions
+    assert split.trainable == pytest.approx(replicated + (whole.trainable - replicated) / tp,
+                                            rel=1e-3)
+    assert split.master_bytes == pytest.approx(whole.master_bytes * split.trainable
+                                               / whole.trainable, abs=1)
+
+
+def test_tensor_parallel_steps_divide_memory_and_add_collectives() -> None:
+    kwargs = {"batch": 2, "seq_len": 128, "model_set": LLAMA[1]}
+    single = simulate_training("gpu_a100.yaml", "llama2-7b", **kwargs)
+    split = simulate_training("dgx_a100.yaml", "llama2-7b", tp=4, **kwargs)
+    assert split.tp == 4 and split.devices_count == len(split.devices) == 4
+    assert split.stage_time_s["communication"] > 0 == single.stage_time_s["communication"]
+    held, one = split.devices[0].at_peak_bytes, single.devices[0].at_peak_bytes
+    assert one["weights"] / 4 < held["weights"] < one["weights"] / 3.9
+    assert split.peak_memory_bytes < single.peak_memory_bytes / 2
+    assert split.model_flops == single.model_flops
+
+
+def test_tensor_parallelism_refuses_what_does_not_split(capsys) -> None:
+    base = ["--model", "gpt2", "--phase", "train", "--seq-len", "64", "--model-set", "n_layer=1"]
+    refused(capsys, ["--hw", "gpu_a100.yaml", "--tp", "2", *base], "--tp", "one chip")
+    refused(capsys, ["--hw", "dgx_a100.yaml", "--tp", "8", *base], "--tp", "12 heads")
+    refused(capsys, ["--hw", "dgx_a100.yaml", "--tp", "2", "--lora", "rank=4,modules=c_attn",
+                     *base], "--tp", "LoRA")
+    refused(capsys, ["--hw", "dgx_a100.yaml", "--tp", "4", "--dp", "4", "--batch", "4", *base],
+            "--tp", "16 devices")
+
+
+@pytest.mark.parametrize(("pp", "micro_batches"), [(4, 8), (8, 4), (2, 1)])
+def test_one_f_one_b_runs_every_pass_once_with_the_textbook_bubble(pp: int,
+                                                                   micro_batches: int) -> None:
+    """Uniform stages (forward 1, backward 2), hand-overs free: the step takes
+    (M + pp − 1)·(F + B) and the bubble is (pp − 1)/(M + pp − 1) (Narayanan et al. §2.2)."""
+    for stage in range(pp):
+        order = one_f_one_b(stage, pp, micro_batches)
+        assert sorted(order) == sorted([(k, m) for k in "FB" for m in range(micro_batches)])
+        assert order.index(("B", 0)) == min(pp - stage - 1, micro_batches - 1) + 1
+    run = run_one_f_one_b(None, [StageTimes(1.0, 2.0, 2.0, 0.0)] * pp, [0] * pp,
+                          micro_batches, 1)
+    assert run.makespan_ns == pytest.approx((micro_batches + pp - 1) * 3.0)
+    assert run.bubble_fraction == pytest.approx((pp - 1) / (micro_batches + pp - 1))
+
+
+def test_pipeline_stages_hold_every_op_and_parameter_once(traces) -> None:
+    whole = traces[("llama2-7b", "none")]
+    stages, handed = split_stages(whole, 2)
+    assert sum(len(stage.trace.ops) for stage in stages) == len(whole.trace.ops)
+    assert sum(stage.param_bytes for stage in stages) == whole.param_bytes  # untied head
+    assert sum(stage.trainable for stage in stages) == whole.trainable
+    assert {op.layer for op in stages[0].trace.ops} == {"embed", "layers.0"}
+    assert {"norm", "lm_head", "layers.1"} <= {op.layer for op in stages[1].trace.ops}
+    assert handed[0] == 2 * 64 * 4096 * 2  # the block's output: micro-batch 2 × 64 tokens
+    tied, _ = split_stages(traces[("gpt2", "none")], 2)
+    assert tied[1].param_bytes > sum(op.dims["weight_bytes"] for op in tied[1].trace.ops
+                                     if op.stage == "optim")  # its copy of the embedding
+
+
+def test_a_pipelined_step_stashes_the_micro_batches_in_flight() -> None:
+    kwargs = {"batch": 8, "micro_batch": 1, "seq_len": 128, "model_set": {
+        "num_hidden_layers": "4"}}
+    flat = simulate_training("dgx_a100.yaml", "llama2-7b", **kwargs)
+    piped = simulate_training("dgx_a100.yaml", "llama2-7b", pp=4, **kwargs)
+    assert piped.pp == 4 and len(piped.devices) == 4 and piped.model_flops == flat.model_flops
+    assert 0.2 < piped.bubble_fraction < 3 / 11 + 0.1
+    first, last = piped.devices[0].at_peak_bytes, piped.devices[-1].at_peak_bytes
+    assert first["weights"] < flat.devices[0].at_peak_bytes["weights"] / 3
+    assert first["activations"] > 3 * last["activations"] / 2  # 4 micro-batches in flight, 1
+    assert piped.stage_time_s["communication"] == 0  # hand-overs overlap; no collectives
+
+
+def test_pipelining_refuses_what_it_does_not_model(capsys) -> None:
+    base = ["--hw", "dgx_a100.yaml", "--model", "gpt2", "--phase", "train", "--seq-len", "64",
+            "--model-set", "n_layer=4"]
+    refused(capsys, [*base, "--pp", "3"], "--pp", "divisor of 4")
+    refused(capsys, [*base, "--pp", "2", "--dp", "2", "--batch", "2", "--zero", "2"],
+            "--zero", "--pp 2")
+    refused(capsys, [*base, "--pp", "2", "--lora", "rank=4,modules=c_attn"], "--pp", "LoRA")
+    refused(capsys, [*base, "--pp", "16"], "--pp", "16 devices")
+
+
+@pytest.mark.parametrize("name", [m[0] for m in MODELS])
+def test_ulysses_splits_the_tokens_and_turns_attention_into_heads(traces, name: str) -> None:
+    """Per device: 1/sp of every GEMM (weight gradients sum over its tokens into whole
+    gradients), attention over all tokens for heads/sp, two all-to-alls around each
+    attention forward and two around its backward; the weights stay whole."""
+    whole = traces[(name, "none")]
+    sp = 4
+    split = split_sequence_training(whole, sp)
+    for stage in ("fwd", "bwd_act", "bwd_weight"):
+        ours = _weight_matmuls(split.trace.ops, stage)
+        for module, flops in _weight_matmuls(whole.trace.ops, stage).items():
+            assert ours[module] * sp == flops, (stage, module)
+    grads = [b.bytes for b in whole.buffers if b.category == "gradients"]
+    assert [b.bytes for b in split.buffers if b.category == "gradients"] == grads
+    assert split.param_bytes == whole.param_bytes
+    swaps = Counter((op.stage, op.module.rpartition(".")[2]) for op in split.trace.ops
+                    if op.fn == "alltoall")
+    attentions = sum(op.kind == "attention" and op.stage == "fwd" for op in whole.trace.ops)
+    assert swaps == {("fwd", "ulysses_qkv"): attentions, ("fwd", "ulysses_out"): attentions,
+                     ("bwd_act", "ulysses_dout"): attentions,
+                     ("bwd_act", "ulysses_dqkv"): attentions}
+    full = [op for op in split.trace.ops if op.kind == "attention"]
+    assert all(op.dims["q_len"] == 64 and op.dims["heads"] * sp in (12, 32) for op in full)
+
+
+def test_ulysses_partitions_zero_over_its_devices(capsys) -> None:
+    kwargs = {"batch": 1, "seq_len": 256, "model_set": LLAMA[1]}
+    single = simulate_training("gpu_a100.yaml", "llama2-7b", **kwargs)
+    ulysses = simulate_training("dgx_a100.yaml", "llama2-7b", sp=4, zero=3, **kwargs)
+    assert ulysses.sp == 4 and len(ulysses.devices) == 4
+    held, one = ulysses.devices[0].at_peak_bytes, single.devices[0].at_peak_bytes
+    assert held["weights"] == math.ceil(one["weights"] / 4)
+    assert held["optimizer"] == math.ceil(one["optimizer"] / 4)
+    assert ulysses.model_flops == single.model_flops
+    refused(capsys, ["--hw", "dgx_a100.yaml", "--model", "gpt2", "--phase", "train",
+                     "--seq-len", "64", "--sp", "8"], "--sp", "12 heads")
+    refused(capsys, ["--hw", "dgx_a100.yaml", "--model", "gpt2", "--phase", "train",
+                     "--seq-len", "64", "--sp", "2", "--tp", "2"], "--sp", "not modelled")
+
+
+def test_the_longest_sequence_is_where_the_memory_model_runs_out() -> None:
+    """max_seq_len doubles the sequence from the case's prompt: the answer fits every GPU
+    and twice it does not (FPDT's TP row, the only probes 16K, 32K and 64K)."""
+    from simulator.validation.cases import load_cases, run_cases, shipped_case_files
+
+    path = next(p for p in shipped_case_files() if p.name == "fpdt_memory.yaml")
+    case = next(c for c in load_cases(path) if c.id == "fpdt-llama3-8b-tp")
+    longest = int(run_cases([case])[0].simulated)
+    assert longest >= case.prompt
+    for seq_len, fits in ((longest, True), (2 * longest, False)):
+        step = simulate_training("dgx_a100.yaml", "llama3-8b", batch=1, seq_len=seq_len, tp=8,
+                                 model_set={"max_position_embeddings": str(seq_len)})
+        assert (step.out_of_memory is None) is fits
+
+
+def test_unfused_attention_keeps_its_softmax_for_the_backward() -> None:
+    """Without a fused kernel each block's forward also keeps P, the softmax of its scores
+    (batch · heads · s² elements in bf16), and writes S as workspace."""
+    kwargs = {"batch": 2, "seq_len": 512, "model_set": {"n_layer": "2"}}
+    fused = simulate_training("gpu_a100.yaml", "gpt2", **kwargs)
+    unfused = simulate_training("gpu_a100.yaml", "gpt2", hw_set={
+        "scheduling.fused_attention": False}, **kwargs)
+    scores = 2 * 12 * 512 * 512 * 2
+    for layer, saved in fused.saved_activation_bytes.items():
+        extra = scores if layer.rpartition(".")[2].isdigit() else 0
+        assert unfused.saved_activation_bytes[layer] == saved + extra, layer
+    assert unfused.peak_memory_bytes >= fused.peak_memory_bytes + 2 * scores
+
+
+def test_offloaded_checkpoints_leave_the_device_and_come_back(traces) -> None:
+    """Each checkpoint (a forward tensor the recompute reads) is copied out once and
+    prefetched once, before the recompute that reads it; the rest of the trace is as it
+    was."""
+    whole = traces[("llama2-7b", "full")]
+    moved = offload_checkpoints(whole)
+    copies = [op for op in moved.trace.ops if op.fn in ("d2h", "h2d")]
+    out = sum(op.input_bytes for op in copies if op.fn == "d2h")
+    back = sum(op.input_bytes for op in copies if op.fn == "h2d")
+    assert out == back > 0
+    kept = [(op.module, op.fn, op.ops, op.stage) for op in moved.trace.ops
+            if op.fn not in ("d2h", "h2d")]
+    assert kept == [(op.module, op.fn, op.ops, op.stage) for op in whole.trace.ops]
+    for op in moved.trace.ops:
+        if op.fn == "h2d":
+            reader = next(o for o in moved.trace.ops if op.index in o.deps)
+            assert reader.stage == "recompute" and reader.index > op.index
+
+
+def test_offloading_checkpoints_lowers_the_peak_over_the_host_link(capsys) -> None:
+    kwargs = {"batch": 1, "seq_len": 4096, "recompute": "full",
+              "model_set": {"num_hidden_layers": "8"}}
+    kept = simulate_training("gpu_a100.yaml", "llama2-7b", **kwargs)
+    sent = simulate_training("gpu_a100.yaml", "llama2-7b", offload="activations", **kwargs)
+    assert sent.stage_time_s["offload"] > 0 == kept.stage_time_s["offload"]
+    assert sent.step_time_s >= kept.step_time_s
+    assert sum(sent.saved_activation_bytes.values()) < sum(kept.saved_activation_bytes.values())
+    base = ["--hw", "gpu_a100.yaml", "--model", "gpt2", "--phase", "train", "--seq-len", "64"]
+    refused(capsys, [*base, "--offload", "activations"], "--offload", "--recompute full")
+    refused(capsys, [*base, "--offload", "optimizer", "--recompute", "full"], "--offload",
+            "not modelled")
+    refused(capsys, [*base, "--offload", "weights", "--recompute", "full"], "--offload",
+            "activations, optimizer")

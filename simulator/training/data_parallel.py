@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 from simulator.errors import UserError
 from simulator.workload.trace import Op, Trace
@@ -51,20 +52,26 @@ class Replica:
     gathered_bytes: int
 
 
+def is_data_parallel(op: Op) -> bool:
+    """Whether `op` is one of the data-parallel group's collectives."""
+    return op.kind == "collective" and bool(op.dims.get("data_parallel"))
+
+
 def check_zero(zero: int, dp: int) -> None:
     if isinstance(zero, bool) or zero not in ZERO_STAGES:
         raise UserError("--zero", f"expected a ZeRO stage 0, 1, 2 or 3, not {zero!r}")
     if zero and dp < 2:
-        raise UserError("--zero", f"partitions over data-parallel replicas; expected --dp ≥ 2 "
-                        f"with --zero {zero}, not --dp {dp}")
+        raise UserError("--zero", f"partitions over data-parallel replicas (and Ulysses "
+                        f"devices); expected --dp or --sp ≥ 2 with --zero {zero}")
 
 
-def _collective(kind: str, nbytes: int, dp: int, module: str, layer: str, overlap: bool
-                ) -> Op:
+def _dp_collective(kind: str, nbytes: int, dp: int, module: str, layer: str, overlap: bool,
+                   stride: int = 1) -> Op:
     return Op(index=0, name=kind, fn=kind, kind="collective", module=module, layer=layer,
               dtype="bf16", ops=0, weight_bytes=0, state_read_bytes=0, state_write_bytes=0,
               input_bytes=nbytes, output_bytes=nbytes,
-              dims={"devices": dp, **({"overlap": 1} if overlap else {})}, deps=(),
+              dims={"devices": dp, "data_parallel": 1, **({"overlap": 1} if overlap else {}),
+                    **({"stride": stride} if stride > 1 else {})}, deps=(),
               shapes=f"{nbytes} B over {dp} devices")
 
 
@@ -87,9 +94,11 @@ def _partition(op: Op, dp: int) -> Op:
                      dims={**op.dims, "numel": numel, "parallel": numel})
 
 
-def replica(training: TrainingTrace, dp: int, zero: int) -> Replica:
-    """One replica's trace and holdings under data parallelism `dp` and ZeRO stage `zero`."""
+def replica(training: TrainingTrace, dp: int, zero: int, stride: int = 1) -> Replica:
+    """One replica's trace and holdings under data parallelism `dp` and ZeRO stage `zero`;
+    `stride`: the devices between two replicas' peers (the tensor-parallel degree)."""
     check_zero(zero, dp)
+    collective = partial(_dp_collective, stride=stride)
     source = training.trace.ops
     layers = _layer_weights(source)
     grad_of = {b.alloc: b.bytes for b in training.buffers if b.category == "gradients"}
@@ -112,7 +121,7 @@ def replica(training: TrainingTrace, dp: int, zero: int) -> Replica:
     ahead = {segments[i][0]: segments[i + 1] for i in range(len(segments) - 1)}
     if segments:  # the first segment's weights are gathered before the step starts
         first, layer = segments[0]
-        gathers[first] = emit(_collective("allgather", layers.get(layer, 0), dp,
+        gathers[first] = emit(collective("allgather", layers.get(layer, 0), dp,
                                           f"{layer}.allgather", layer, False), ())
     filled = 0
     for op in source:
@@ -120,7 +129,7 @@ def replica(training: TrainingTrace, dp: int, zero: int) -> Replica:
             break
         if op.index in ahead:  # prefetch the next segment's weights as this one starts
             nxt, layer = ahead[op.index]
-            gathers[nxt] = emit(_collective("allgather", layers.get(layer, 0), dp,
+            gathers[nxt] = emit(collective("allgather", layers.get(layer, 0), dp,
                                             f"{layer}.allgather", layer, True),
                                 (len(out) - 1,) if out else ())
         deps = tuple(moved[d] for d in op.deps)
@@ -129,18 +138,18 @@ def replica(training: TrainingTrace, dp: int, zero: int) -> Replica:
         moved[op.index] = emit(op, deps)
         filled += grad_of.get(op.index, 0) if dp > 1 else 0
         if filled >= bucket:
-            pending.append(emit(_collective(reduce, filled, dp, f"{op.layer}.{reduce}",
+            pending.append(emit(collective(reduce, filled, dp, f"{op.layer}.{reduce}",
                                             op.layer, True), (moved[op.index],)))
             issued_at.append(op.index)
             filled = 0
     last_micro = len(out) - 1
     if filled:
-        pending.append(emit(_collective(reduce, filled, dp, f"{reduce}.last", "", True),
+        pending.append(emit(collective(reduce, filled, dp, f"{reduce}.last", "", True),
                             (last_micro,)))
         issued_at.append(last_micro)
     plain = None
     if zero < 2:
-        plain_ops = [op for op in out[:last_micro + 1] if op.kind != "collective"]
+        plain_ops = [op for op in out[:last_micro + 1] if not is_data_parallel(op)]
         plain = _renumbered(training.trace, plain_ops)
     updates = [op for op in source if op.stage == "optim"]
     for number, op in enumerate(updates):
@@ -150,7 +159,7 @@ def replica(training: TrainingTrace, dp: int, zero: int) -> Replica:
         total = sum(layers.values())
         for start in range(0, total, DDP_BUCKET_BYTES if zero == 1 else bucket):
             size = min(total - start, DDP_BUCKET_BYTES if zero == 1 else bucket)
-            emit(_collective("allgather", size, dp, "params.allgather", "", False),
+            emit(collective("allgather", size, dp, "params.allgather", "", False),
                  (len(out) - 1,))
     trace = replace(training.trace, model=f"{training.trace.model} [dp {dp}, zero {zero}]",
                     ops=tuple(out))

@@ -13,10 +13,11 @@ are live while it runs, and whatever autograd keeps for the backward is read the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from simulator.tiling import DTYPE_BYTES
 from simulator.workload.trace import Op
-from simulator.workload.training import CATEGORIES, Buffer
+from simulator.workload.training import CATEGORIES, Buffer, TrainingTrace
 
 GIB = 1 << 30
 
@@ -97,6 +98,28 @@ def saved_for_backward(ops: Sequence[Op], buffers: Sequence[Buffer]) -> dict[str
                 and ops[buffer.alloc].stage == "fwd" and ops[buffer.free].stage != "fwd"):
             saved[ops[buffer.alloc].layer] += buffer.bytes
     return saved
+
+
+def unfused_scores(training: TrainingTrace) -> TrainingTrace:
+    """`training` with the score matrices of unfused attention (PyTorch's kernels, not one
+    fused kernel) in its memory: each attention forward (or recompute) writes its scores S
+    (workspace) and keeps the softmax P for its backward (activations), whose dP and dS
+    are workspace again; each B·heads·q_len·kv_len elements of the model dtype, the causal
+    mask applied to a whole matrix."""
+    added: list[Buffer] = []
+    kept: dict[str, int] = {}  # a module → its last forward attention
+    for op in training.trace.ops:
+        if op.kind != "attention":
+            continue
+        d = op.dims
+        size = d["batch"] * d["heads"] * d["q_len"] * d["kv_len"] * DTYPE_BYTES.get(op.dtype, 2)
+        if op.stage in ("fwd", "recompute"):
+            added.append(Buffer(size, "workspace", op.index, op.index))
+            kept[op.module] = op.index
+        elif op.module in kept:
+            added.append(Buffer(size, "activations", kept.pop(op.module), op.index))
+            added.append(Buffer(size, "workspace", op.index, op.index))
+    return replace(training, buffers=(*training.buffers, *added))
 
 
 def dominant(sample: MemorySample) -> tuple[str, int]:

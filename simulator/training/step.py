@@ -16,7 +16,7 @@ from typing import Any
 
 from simulator.errors import UserError
 from simulator.hardware import Hardware
-from simulator.training.data_parallel import Replica
+from simulator.training.data_parallel import Replica, is_data_parallel
 from simulator.training.flops import FORMULA, model_flops, peak_flops
 from simulator.training.memory import (
     GIB,
@@ -24,8 +24,9 @@ from simulator.training.memory import (
     dominant,
     memory_timeline,
     saved_for_backward,
+    unfused_scores,
 )
-from simulator.workload.trace import MATRIX_KINDS
+from simulator.workload.trace import MATRIX_KINDS, Op
 from simulator.workload.training import (
     CATEGORIES,
     Optimizer,
@@ -35,6 +36,8 @@ from simulator.workload.training import (
 from workloads.models import AnyModel
 
 STAGES = ("fwd", "bwd_act", "bwd_weight", "recompute", "optim")
+#: link time besides the stages: collectives, and copies to and from host memory
+LINKS = ("communication", "offload")
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -65,8 +68,14 @@ class TrainingResult:
     recompute: str
     optimizer: str
     devices_count: int
-    #: data-parallel replicas and the ZeRO stage (simulator.training.data_parallel)
+    #: data-parallel replicas and the ZeRO stage (simulator.training.data_parallel), and
+    #: each replica's tensor-parallel devices (simulator.training.tensor_parallel)
     dp: int
+    tp: int
+    #: pipeline stages (simulator.training.pipeline; 1: none), Ulysses sequence-parallel
+    #: devices per replica (simulator.training.sequence_parallel)
+    pp: int
+    sp: int
     zero: int
     step_time_s: float
     #: one micro-batch's forward and backward (the step: micro_batches × this + optimizer)
@@ -78,8 +87,11 @@ class TrainingResult:
     hfu: float
     flops_formula: str
     #: busy time per stage over the step (fwd, bwd_act, bwd_weight, recompute, optim) and
-    #: on the links (communication; overlapped with the stages where the runtime does)
+    #: on the links (communication: collectives; offload: host copies; overlapped with the
+    #: stages where the runtime does)
     stage_time_s: dict[str, float]
+    #: the pipeline stages' idle share of the step (0 without pipelining)
+    bubble_fraction: float
     power_w: float
     energy_j: float
     energy_per_token_j: float
@@ -103,6 +115,11 @@ class TrainingResult:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2)
 
 
+def link_kind(op: Op) -> str:
+    """Which link time a collective-kind op counts as."""
+    return "offload" if op.fn in ("d2h", "h2d") else "communication"
+
+
 def compute_dtype(cfg: AnyModel) -> str:
     return _DTYPE_NAMES.get(getattr(cfg, "torch_dtype", "bfloat16"), "bf16")
 
@@ -122,7 +139,8 @@ def check_step(batch: int, micro_batch: int | None, seq_len: int) -> int:
 def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch: int = 1,
                       seq_len: int | None = None, micro_batch: int | None = None,
                       recompute: Recompute = "none", optimizer: Optimizer = "adamw",
-                      dp: int = 1, zero: int = 0, lora: str | None = None,
+                      dp: int = 1, tp: int = 1, pp: int = 1, sp: int = 1, zero: int = 0,
+                      lora: str | None = None, offload: str | None = None,
                       hw_set: dict[str, Any] | None = None,
                       model_set: dict[str, str] | None = None,
                       trace_file: str | Path | None = None,
@@ -132,26 +150,42 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
     `dp` data-parallel replicas take an equal share each) of `seq_len` tokens (default 2048,
     or the model's positions if fewer) in micro-batches of `micro_batch`, `recompute` (none,
     selective: attention, full: every block), `optimizer` (adamw, sgd with momentum) over
-    fp32 master weights, ZeRO stage `zero` (simulator.training.data_parallel), `lora`
-    adapters on a frozen base (simulator.workload.lora). A step that does not fit is still
-    timed; `out_of_memory` says where and why."""
+    fp32 master weights, `tp`-way tensor parallelism in each replica
+    (simulator.training.tensor_parallel), `pp` pipeline stages (simulator.training.pipeline),
+    `sp`-way Ulysses sequence parallelism (simulator.training.sequence_parallel),
+    ZeRO stage `zero` (simulator.training.data_parallel), `lora` adapters on a frozen base
+    (simulator.workload.lora), `offload` "activations" (simulator.training.offload). A step
+    that does not fit is still timed; `out_of_memory` says where and why."""
     from simulator.api import run_trace
     from simulator.hardware.system import load_machine
     from simulator.parallel import links_of
     from simulator.training.data_parallel import check_zero, replica
+    from simulator.training.offload import host_links, offload_checkpoints, parse_offload
+    from simulator.training.sequence_parallel import split_sequence_training
+    from simulator.training.tensor_parallel import split_training
     from simulator.workload.training import check_options, get_training_trace
     from workloads.config import resolve_model
 
     check_options(recompute, optimizer)
+    offloaded = parse_offload(offload, recompute)
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1 or batch % dp:
         raise UserError("--dp", f"expected a divisor of --batch {batch} (each replica takes "
                         f"an equal share of the sequences), not {dp!r}")
-    check_zero(zero, dp)
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--sp", sp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(flag, f"expected a whole number ≥ 1, not {value!r}")
+    check_zero(zero, dp * sp)
+    if sp > 1 and tp * pp > 1:
+        raise UserError("--sp", f"Ulysses with tensor or pipeline parallelism is not modelled; "
+                                f"expected --sp 1 with --tp {tp} --pp {pp}")
     system, machine = (None, hw) if isinstance(hw, Hardware) else load_machine(hw, hw_set)
-    if dp > 1 and (system is None or system.count < dp):
+    devices = dp * tp * pp * sp
+    if devices > 1 and (system is None or system.count < devices):
         have = "one chip" if system is None else f"{system.count} devices"
-        raise UserError("--dp", f"{dp} replicas need a system of ≥ {dp} devices; --hw has "
-                        f"{have}")
+        raise UserError("--dp" if tp == pp == 1 else ("--tp" if pp == 1 else "--pp"),
+                        f"--dp {dp} × --tp {tp} × --pp {pp} × --sp {sp} needs a system of ≥ "
+                        f"{devices} "
+                        f"devices; --hw has {have}")
     cfg = resolve_model(model, model_set) if isinstance(model, str) else model
     limit = cfg.position_limit
     if seq_len is None:
@@ -169,15 +203,35 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
         adapters = parse_lora(lora)
     training = get_training_trace(cfg, micro, seq_len, recompute, optimizer, use_cache,
                                   adapters)
-    share = replica(training, dp, zero)
-    links = links_of(system) if system is not None and dp > 1 else None
+    if not machine.scheduling.fused_attention:
+        training = unfused_scores(training)
+    links = links_of(system) if system is not None and devices > 1 else None
+    split = split_sequence_training(split_training(training, tp), sp)
+    if offloaded:
+        split, links = offload_checkpoints(split), host_links(links, machine)
+    if pp > 1:
+        from simulator.training.pipelined import pipelined_step
+
+        if trace_file is not None:
+            raise UserError("--trace", "a pipelined training step has no Perfetto trace yet; "
+                                       "expected --pp 1 with --trace")
+        assert system is not None
+        out = pipelined_step(system, machine, training, split,
+                             batch=batch, micro=micro, dp=dp, tp=tp, pp=pp, zero=zero,
+                             peak=peak, dtype=dtype, links=links)
+        if plot_dir is not None:
+            from simulator.training.plots import save_memory_plot
+
+            save_memory_plot(out, plot_dir)
+        return out
+    share = replica(split, dp * sp, zero, stride=tp)
     result, _, timeline = run_trace(machine, share.trace, fit=False,
                                     record=trace_file is not None, links=links)
     plain_s = None
     if share.plain is not None and batch // dp // micro > 1:
         plain_s = run_trace(machine, share.plain, fit=False, links=links)[0].latency_s
-    step = _Step(machine, training, share, result, timeline, batch, micro, dp, zero, peak,
-                 dtype, plain_s)
+    step = _Step(machine, training, share, result, timeline, batch, micro, dp, tp, sp, zero,
+                 peak, dtype, plain_s)
     out = step.result()
     if trace_file is not None:
         from simulator.files import write_atomic
@@ -203,6 +257,8 @@ class _Step:
     batch: int
     micro: int
     dp: int
+    tp: int
+    sp: int
     zero: int
     peak: float
     dtype: str
@@ -218,22 +274,24 @@ class _Step:
         last_s = max(ends[:first], default=0.0)  # the last micro-batch, collectives included
         accumulate_s = last_s if self.plain_s is None else self.plain_s
         step_s = (micro_batches - 1) * accumulate_s + result.latency_s
-        stage_s = dict.fromkeys((*STAGES, "communication"), 0.0)
+        stage_s = dict.fromkeys((*STAGES, *LINKS), 0.0)
         for index, (op, start, end) in enumerate(zip(ops, starts, ends, strict=True)):
             repeat = 1 if index >= first else micro_batches
             if op.kind == "collective":
-                repeat = 1 if self.plain_s is not None or index >= first else micro_batches
-                stage_s["communication"] += (end - start) * repeat
+                if is_data_parallel(op) and self.plain_s is not None:
+                    repeat = 1
+                stage_s[link_kind(op)] += (end - start) * repeat
             else:
                 stage_s[op.stage] += (end - start) * repeat
         per_op = [o.energy_j for o in result.ops]
         dynamic = sum(j * (1 if i >= first else micro_batches) for i, j in enumerate(per_op))
         static_w = (result.energy_j - sum(per_op)) / result.latency_s if result.latency_s else 0.0
-        energy_j = (dynamic + static_w * step_s) * self.dp
+        count = self.dp * self.tp * self.sp
+        energy_j = (dynamic + static_w * step_s) * count
         tokens = self.batch * training.trace.prompt
         flops = model_flops(training.params, training.layers, training.hidden,
                             training.trace.prompt, self.batch, training.trainable)
-        executed = self.batch // self.micro * sum(
+        executed = self.batch // self.micro * self.tp * self.sp * sum(
             op.ops for op in ops[:first] if op.kind in MATRIX_KINDS)
         share = self.share
         held = {"weights": share.weights_bytes, "optimizer": share.optimizer_bytes,
@@ -243,8 +301,8 @@ class _Step:
         top = memory.peak()
         capacity = self.hw.memory.dram.capacity
         at_peak = dict(zip(CATEGORIES, top.bytes, strict=True))
-        names = [self.hw.name] if self.dp == 1 else [f"{self.hw.name}[{i}]"
-                                                     for i in range(self.dp)]
+        names = [self.hw.name] if count == 1 else [f"{self.hw.name}[{i}]"
+                                                   for i in range(count)]
         devices = tuple(DeviceMemory(device=name, capacity_bytes=capacity,
                                      peak_memory_bytes=top.total, peak_time_s=top.time_s,
                                      at_peak_bytes=at_peak) for name in names)
@@ -254,20 +312,21 @@ class _Step:
             oom = (f"{names[0]} runs out of memory: peak {top.total / GIB:.2f} GiB at "
                    f"{top.time_s:.3f} s into the step, capacity {capacity / GIB:.2f} GiB "
                    f"(memory.dram.capacity); {name} hold the most, {size / GIB:.2f} GiB")
-        per_device = step_s * self.dp
+        per_device = step_s * count
         return TrainingResult(
-            hardware=self.hw.name if self.dp == 1 else f"{self.dp} × {self.hw.name}",
+            hardware=self.hw.name if count == 1 else f"{count} × {self.hw.name}",
             model=training.trace.model, phase="train", batch=self.batch,
             micro_batch=self.micro, micro_batches=micro_batches, seq_len=training.trace.prompt,
             tokens=tokens, recompute=training.recompute, optimizer=training.optimizer,
-            devices_count=self.dp, dp=self.dp, zero=self.zero, step_time_s=step_s,
+            devices_count=count, dp=self.dp, tp=self.tp, pp=1, sp=self.sp, zero=self.zero,
+            step_time_s=step_s,
             micro_batch_time_s=accumulate_s, tokens_per_s=tokens / step_s if step_s else 0.0,
             model_flops=flops,
             model_tflops_per_gpu=flops / per_device * 1e-12 if step_s else 0.0,
             mfu=flops / per_device / self.peak if step_s else 0.0,
             hfu=executed / per_device / self.peak if step_s else 0.0,
             flops_formula=f"{FORMULA} ({self.dtype}: {self.peak * 1e-12:.1f} TFLOP/s)",
-            stage_time_s=stage_s, power_w=energy_j / step_s if step_s else 0.0,
+            stage_time_s=stage_s, bubble_fraction=0.0, power_w=energy_j / step_s if step_s else 0.0,
             energy_j=energy_j, energy_per_token_j=energy_j / tokens,
             peak_memory_bytes=top.total, devices=devices,
             saved_activation_bytes=saved_for_backward(ops, share.buffers), out_of_memory=oom,

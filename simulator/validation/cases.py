@@ -45,7 +45,7 @@ Metric = Literal["block_latency_s", "blocks_latency_s", "blocks_tokens_per_s", "
                  "bandwidth_bytes_per_s", "block_latency_ratio", "alltoall_time_ratio",
                  "generate_latency_s", "serving_latency_s", "serving_speedup",
                  "serving_output_tokens_per_s", "model_tflops_per_gpu", "mfu", "step_time_s",
-                 "peak_memory_bytes"]
+                 "peak_memory_bytes", "max_seq_len"]
 Role = Literal["fitted", "held-out", "consistency", "projection", "open", "report"]
 ROLES: tuple[Role, ...] = ("fitted", "held-out", "consistency", "projection", "open", "report")
 #: The standard gate of each gated role (a wider one needs a `gate_reason`).
@@ -120,9 +120,15 @@ class Training(BaseModel):
 
     micro_batch: int | None = Field(None, ge=1)
     dp: int = Field(1, ge=1)
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    sp: int = Field(1, ge=1)
     zero: int = Field(0, ge=0, le=3)
     recompute: Literal["none", "selective", "full"] = "none"
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    offload: Literal["activations"] | None = None
+    #: max_seq_len: the model setting raised with the sequence length as it doubles
+    positions: str = "max_position_embeddings"
 
 
 class Case(BaseModel):
@@ -406,15 +412,33 @@ def _alltoall_s(result: Result) -> float:
 _RUNS: dict[str, Result] = {}
 
 
+#: max_seq_len: the longest sequence probed (2²⁴ tokens)
+LONGEST_PROBE = 1 << 24
+
+
 def _train(case: Case) -> float:
-    from simulator.training import simulate_training
+    """The step's metric; max_seq_len: the longest sequence, doubling from `prompt`, whose
+    step fits every device's memory (0 if `prompt` does not)."""
+    from simulator.training import TrainingResult, simulate_training
 
     step = case.training or Training()
-    result = simulate_training(
-        case.hardware, case.model, batch=case.batch, seq_len=case.prompt,
-        micro_batch=step.micro_batch, recompute=step.recompute, optimizer=step.optimizer,
-        dp=step.dp, zero=step.zero, hw_set=case.hw_set, model_set=_strings(case.model_set))
-    return float(getattr(result, case.metric))
+
+    def run(seq_len: int, model_set: dict[str, str]) -> TrainingResult:
+        return simulate_training(
+            case.hardware, case.model, batch=case.batch, seq_len=seq_len,
+            micro_batch=step.micro_batch, recompute=step.recompute, optimizer=step.optimizer,
+            dp=step.dp, tp=step.tp, pp=step.pp, sp=step.sp, zero=step.zero,
+            offload=step.offload, hw_set=case.hw_set, model_set=model_set)
+
+    if case.metric != "max_seq_len":
+        return float(getattr(run(case.prompt, _strings(case.model_set)), case.metric))
+    fits, seq_len = 0, case.prompt
+    while seq_len <= LONGEST_PROBE:
+        if run(seq_len, {**_strings(case.model_set), step.positions: str(seq_len)}
+               ).out_of_memory:
+            break
+        fits, seq_len = seq_len, seq_len * 2
+    return float(fits)
 
 
 def measure(case: Case) -> float:

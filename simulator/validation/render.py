@@ -13,6 +13,8 @@ from simulator.validation.cases import GATES, ROLES, Empirical, Outcome
 
 
 def _value(metric: str, value: float) -> str:
+    if metric == "max_seq_len":
+        return f"{value / 1024:g}K tokens"
     if metric == "bandwidth_bytes_per_s":
         return f"{value / 1e9:.4g} GB/s"
     if metric.endswith("_bytes"):
