@@ -202,8 +202,9 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
                        help="copy the activation checkpoints to host memory and prefetch "
                             "them for the backward (needs --recompute full; optimizer "
                             "offload is not modelled yet: refused)")
-    group.add_argument("--chunk", default=None, metavar="VALUE",
-                       help="FPDT chunk tokens (not modelled yet: refused)")
+    group.add_argument("--chunk", default=None, metavar="TOKENS",
+                       help="FPDT: run each sequence in chunks of TOKENS (needs --recompute "
+                            "full; with --sp for Ulysses)")
 
 
 #: Training flags and what an inference run has instead; inference flags a training step
@@ -211,7 +212,7 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
 _TRAIN_ONLY = ("micro_batch", "recompute", "optimizer", "zero", "offload", "lora", "chunk")
 _NOT_IN_TRAINING = {"context": None, "quant": None, "moe_routing": None, "mapping": "tensor",
                     "runtime": None, "tp_sp": False, "tp_overlap": 1, "micro_batches": 1,
-                    "pp_interleave": 1, "ep": 1, "placement": None,
+                    "ep": 1, "placement": None,
                     "ep_mode": "combine", "granularity": None}
 
 
@@ -227,14 +228,12 @@ def _run_training(args: argparse.Namespace) -> int:
             raise UserError(_flag(dest), "is not modelled for --phase train yet (data, "
                             "tensor, pipeline and sequence parallelism and ZeRO are: --dp, --tp, "
                             "--pp, --sp, --zero); expected it left out")
-    if args.chunk is not None:
-        raise UserError("--chunk", "is not modelled yet; expected it left out")
     result = simulate_training(
         args.hw, args.model, batch=args.dp if args.batch is None else args.batch,
         seq_len=args.prompt, micro_batch=args.micro_batch,
         recompute=args.recompute or "none", optimizer=args.optimizer or "adamw",
         dp=args.dp, tp=args.tp, pp=args.pp, sp=args.sp, zero=args.zero or 0, lora=args.lora,
-        offload=args.offload,
+        offload=args.offload, chunk=args.chunk, pp_interleave=args.pp_interleave,
         hw_set=_pairs(args.hw_set, "--hw-set", True),
         model_set=_pairs(args.model_set, "--model-set", False), trace_file=args.trace,
         plot_dir=args.plot, use_cache=not args.no_cache)

@@ -207,7 +207,13 @@ def render_training(result: TrainingResult, console: Console | None = None) -> N
         *([("tensor parallel", f"{result.tp} devices per replica")] if result.tp > 1 else []),
         *([("sequence parallel", f"{result.sp} devices per replica (Ulysses)")]
           if result.sp > 1 else []),
-        *([("pipeline", f"{result.pp} stages, 1F1B, bubble {result.bubble_fraction:.1%}")]
+        *([("FPDT", f"{result.fpdt_chunks} chunks of "
+                    f"{result.seq_len // result.fpdt_chunks} tokens per sequence")]
+          if result.fpdt_chunks > 1 else []),
+        *([("pipeline", f"{result.pp} stages, "
+                        + (f"interleaved 1F1B ({result.pp_interleave} chunks each)"
+                           if result.pp_interleave > 1 else "1F1B")
+                        + f", bubble {result.bubble_fraction:.1%}")]
           if result.pp > 1 else []),
         ("recompute / optimizer", f"{result.recompute} / {result.optimizer} (fp32 master)"),
         ("step time", _si(result.step_time_s, "s")),

@@ -15,10 +15,12 @@ from cli_helpers import refused
 from simulator.cli import main
 from simulator.hardware import load_hardware
 from simulator.training import simulate_training
+from simulator.training.chunked import fpdt_chunks
 from simulator.training.flops import model_flops
 from simulator.training.offload import offload_checkpoints
 from simulator.training.pipeline import (
     StageTimes,
+    interleaved,
     one_f_one_b,
     run_one_f_one_b,
     split_stages,
@@ -241,7 +243,7 @@ def test_out_of_memory_names_the_device_and_what_dominates(capsys) -> None:
 
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--zero", "2"], "--zero"),
-    (["--chunk", "4096"], "--chunk"),
+    (["--tp-sp"], "--tp-sp"),
     (["--pp-interleave", "2"], "--pp-interleave"),
     (["--context", "10"], "--context"),
     (["--micro-batch", "3"], "--micro-batch"),
@@ -421,6 +423,42 @@ def test_one_f_one_b_runs_every_pass_once_with_the_textbook_bubble(pp: int,
     assert run.bubble_fraction == pytest.approx((pp - 1) / (micro_batches + pp - 1))
 
 
+@pytest.mark.parametrize(("pp", "chunks", "micro_batches"),
+                         [(4, 2, 8), (8, 3, 64), (4, 3, 4), (2, 2, 6)])
+def test_interleaving_shrinks_the_bubble_by_the_chunks(pp: int, chunks: int,
+                                                       micro_batches: int) -> None:
+    """Uniform virtual stages (forward 1, backward 2), hand-overs free: the interleaved
+    schedule takes (M·v + pp − 1)·(F + B), its bubble (pp − 1)/v of the plain one's
+    (Narayanan et al. 2021, §2.2.2)."""
+    for device in range(pp):
+        order = interleaved(device, pp, chunks, micro_batches)
+        assert sorted(order) == sorted([(k, c * pp + device, m) for k in "FB"
+                                        for c in range(chunks) for m in range(micro_batches)])
+        forwards = [task for task in order if task[0] == "F"]
+        assert forwards[0] == ("F", device, 0) and order[-1] == ("B", device, micro_batches - 1)
+    run = run_one_f_one_b(None, [StageTimes(1.0, 2.0, 2.0, 0.0)] * (pp * chunks),
+                          [0] * (pp * chunks), micro_batches, 1, chunks)
+    assert run.makespan_ns == pytest.approx((micro_batches * chunks + pp - 1) * 3.0)
+    assert len(run.busy_ns) == pp
+
+
+def test_an_interleaved_step_has_a_smaller_bubble_and_is_refused_where_not_modelled(
+        capsys) -> None:
+    base = ["--hw", "dgx_a100.yaml", "--model", "gpt2", "--phase", "train", "--seq-len", "512",
+            "--pp", "2", "--micro-batch", "1", "--batch", "4", "--format", "json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*base, "--pp-interleave", "3"]) == 0
+    inter = json.loads(capsys.readouterr().out)
+    assert plain["pp_interleave"] == 1 and inter["pp_interleave"] == 3
+    assert inter["model_flops"] == plain["model_flops"]
+    assert inter["bubble_fraction"] < plain["bubble_fraction"]
+    assert inter["step_time_s"] < plain["step_time_s"]
+    refused(capsys, [*base[:-2], "--batch", "3", "--pp-interleave", "2"], "--pp-interleave",
+            "multiple of 2")
+    refused(capsys, [*base[:-2], "--pp-interleave", "5"], "--pp-interleave")  # 10 stages, 12 blocks
+
+
 def test_pipeline_stages_hold_every_op_and_parameter_once(traces) -> None:
     whole = traces[("llama2-7b", "none")]
     stages, handed = split_stages(whole, 2)
@@ -560,3 +598,66 @@ def test_offloading_checkpoints_lowers_the_peak_over_the_host_link(capsys) -> No
             "not modelled")
     refused(capsys, [*base, "--offload", "weights", "--recompute", "full"], "--offload",
             "activations, optimizer")
+
+
+def _matrix_flops(training: TrainingTrace, stage: str) -> dict[str, int]:
+    flops: dict[str, int] = defaultdict(int)
+    for op in training.trace.ops:
+        if op.stage == stage and op.kind in MATRIX_KINDS:
+            flops[op.module] += op.ops
+    return dict(flops)
+
+
+@pytest.mark.parametrize(("name", "inputs"), [
+    ("llama2-7b", (".mlp.gate_proj", ".mlp.up_proj")), ("gpt2", (".mlp.c_fc",))])
+def test_fpdt_chunks_recompute_the_feed_forward_and_logits_and_stream_attention(
+        traces, name: str, inputs: tuple[str, ...]) -> None:
+    """FPDT's chunks keep every forward and backward op and add exactly one more recompute of
+    each feed-forward's input GEMMs and of the logits; every layer's saved attention tensors
+    go to the host once in the recompute and stream back in the backward, (u + 1) / 2 times
+    the q-side tensors."""
+    whole = split_sequence_training(traces[(name, "full")], 2)
+    u = 4
+    cut = fpdt_chunks(whole, u)
+    for stage in ("fwd", "bwd_act", "bwd_weight", "optim"):
+        assert _matrix_flops(cut, stage) == _matrix_flops(whole, stage)
+    before, after = _matrix_flops(whole, "recompute"), _matrix_flops(cut, "recompute")
+    for module, flops in after.items():
+        again = 2 if module.endswith(inputs) else 1
+        assert flops == again * before.get(module, 0) or module == "lm_head"
+    head = next(op for op in whole.trace.ops if op.module == "lm_head" and op.stage == "fwd")
+    assert after["lm_head"] == head.ops
+    layers = {op.layer for op in whole.trace.ops if op.kind == "attention"}
+    copies = [op for op in cut.trace.ops if op.fn in ("d2h", "h2d")]
+    assert Counter(op.module.rsplit(".", 1)[1] for op in copies) == {
+        "fpdt_offload": len(layers), "fpdt_prefetch": len(layers),
+        "fpdt_stream": len(layers), "fpdt_dq": len(layers)}
+    attention = next(op for op in whole.trace.ops
+                     if op.kind == "attention" and op.stage == "recompute")
+    d = attention.dims
+    q = attention.input_bytes * d["heads"] // (d["heads"] + 2 * d["kv_heads"])
+    sent = next(op for op in copies if op.module.endswith("fpdt_offload")
+                and op.layer == attention.layer)
+    assert sent.input_bytes > attention.input_bytes + attention.output_bytes
+    fetched = sum(op.input_bytes for op in copies if op.layer == attention.layer
+                  and op.module.endswith(("fpdt_prefetch", "fpdt_stream")))
+    assert fetched >= (2 * q + 2 * attention.output_bytes) * (u + 1) / 2
+    assert fpdt_chunks(whole, 1) is whole
+
+
+def test_fpdt_chunks_lower_the_peak_and_are_refused_where_not_modelled(capsys) -> None:
+    kwargs = {"batch": 1, "seq_len": 32768, "recompute": "full", "sp": 2,
+              "model_set": {"num_hidden_layers": "2", "max_position_embeddings": "32768"}}
+    plain = simulate_training("dgx_a100.yaml", "llama2-7b", **kwargs)
+    peaks = [simulate_training("dgx_a100.yaml", "llama2-7b", chunk=c, **kwargs)
+             for c in (16384, 4096)]
+    assert plain.peak_memory_bytes > peaks[0].peak_memory_bytes > peaks[1].peak_memory_bytes
+    assert [r.fpdt_chunks for r in (plain, *peaks)] == [1, 2, 8]
+    assert peaks[1].stage_time_s["offload"] > 0 == plain.stage_time_s["offload"]
+    assert peaks[1].stage_time_s["recompute"] > plain.stage_time_s["recompute"]
+    base = ["--hw", "dgx_a100.yaml", "--model", "gpt2", "--phase", "train", "--seq-len", "64"]
+    refused(capsys, [*base, "--chunk", "16"], "--chunk", "--recompute full")
+    refused(capsys, [*base, "--chunk", "24", "--recompute", "full"], "--chunk", "divisor")
+    refused(capsys, [*base, "--chunk", "many", "--recompute", "full"], "--chunk", "whole")
+    refused(capsys, [*base, "--chunk", "16", "--recompute", "full", "--tp", "2"], "--chunk",
+            "--sp")

@@ -108,13 +108,13 @@ def offload_checkpoints(training: TrainingTrace) -> TrainingTrace:
                    buffers=tuple(buffers))
 
 
-def host_links(links: Callable[[Op], float] | None, hw: Hardware
+def host_links(links: Callable[[Op], float] | None, hw: Hardware, flag: str = "--offload"
                ) -> Callable[[Op], float]:
     """`links` (the system's collectives, ns) with the host copies timed on the chip's
     host link."""
     host = hw.host_link
     if host is None:
-        raise UserError("--offload", f"{hw.name} declares no host link (host_link); expected "
+        raise UserError(flag, f"{hw.name} declares no host link (host_link); expected "
                                      "a machine with one")
     ns_per_byte = 1e9 / host.bandwidth
     latency_ns = host.latency.seconds * 1e9

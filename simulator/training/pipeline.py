@@ -56,12 +56,13 @@ def stage_of_layers(trace: Trace, pp: int, flag: str = "--pp") -> dict[str, int]
     return stages
 
 
-def split_stages(training: TrainingTrace, pp: int) -> tuple[list[TrainingTrace], list[int]]:
+def split_stages(training: TrainingTrace, pp: int, flag: str = "--pp"
+                 ) -> tuple[list[TrainingTrace], list[int]]:
     """One training trace per stage (deps on other stages dropped, a tensor crossing stages
     held on both: from its producer to its last reader there, and from its first reader to
     its last on the receiving stage), and the bytes each stage hands the next."""
     ops = training.trace.ops
-    stage_of = stage_of_layers(training.trace, pp)
+    stage_of = stage_of_layers(training.trace, pp, flag)
     where = [stage_of[op.layer] for op in ops]
     readers: dict[int, list[int]] = {}
     for op in ops:
@@ -122,6 +123,43 @@ def one_f_one_b(stage: int, pp: int, micro_batches: int) -> list[tuple[str, int]
     return order
 
 
+def interleaved(device: int, pp: int, chunks: int, micro_batches: int
+                ) -> list[tuple[str, int, int]]:
+    """Device `device`'s tasks in Megatron-LM's interleaved 1F1B order (arXiv 2104.04473
+    §2.2.2; `forward_backward_pipelining_with_interleaving`): ("F" or "B", virtual stage,
+    micro-batch), its `chunks` model chunks being virtual stages c·pp + device. The
+    micro-batches go through in groups of pp, one chunk after another; the warm-up runs
+    (pp − device − 1)·2 + (chunks − 1)·pp forwards (all of them when micro-batches = pp)."""
+    total = micro_batches * chunks
+    warm = total if micro_batches == pp else min((pp - device - 1) * 2 + (chunks - 1) * pp,
+                                                  total)
+
+    def task(kind: str, k: int) -> tuple[str, int, int]:
+        chunk = (k % (pp * chunks)) // pp
+        if kind == "B":
+            chunk = chunks - 1 - chunk
+        return kind, chunk * pp + device, (k // (pp * chunks)) * pp + k % pp
+
+    order = [task("F", k) for k in range(warm)]
+    for k in range(total - warm):
+        order += [task("F", warm + k), task("B", k)]
+    order += [task("B", k) for k in range(total - warm, total)]
+    return order
+
+
+def stash_peak(order: list[tuple[str, int, int]], stash: dict[int, int]) -> int:
+    """The most activation bytes `order` keeps for backwards still to come, besides the
+    micro-batch running (its own stash is in its timeline)."""
+    held = top = 0
+    for kind, stage, _ in order:
+        if kind == "F":
+            held += stash[stage]
+            top = max(top, held - stash[stage])
+        else:
+            held -= stash[stage]
+    return top
+
+
 @dataclass(frozen=True)
 class StageTimes:
     """One stage's times (ns): a micro-batch's forward, its backward, the last micro-
@@ -151,15 +189,27 @@ class PipelineRun:
         return 1 - sum(self.busy_ns) / (len(self.busy_ns) * span) if span else 0.0
 
 
+def schedule(device: int, pp: int, chunks: int, micro_batches: int
+             ) -> list[tuple[str, int, int]]:
+    """Device `device`'s tasks ("F" or "B", virtual stage, micro-batch): 1F1B, or its
+    interleaved form with `chunks` > 1 model chunks per device."""
+    if chunks == 1:
+        return [(kind, device, m) for kind, m in one_f_one_b(device, pp, micro_batches)]
+    return interleaved(device, pp, chunks, micro_batches)
+
+
 def run_one_f_one_b(system: System | None, times: list[StageTimes], handed: list[int],
-                    micro_batches: int, tp: int) -> PipelineRun:
-    """Event simulation of the 1F1B schedule: stage s on devices s·tp … s·tp + tp − 1, each
-    rank handing its activations (forward) or their gradients (backward) to the same rank
-    of the neighbouring stage over the links (`system` None: hand-overs take no time)."""
-    pp = len(times)
+                    micro_batches: int, tp: int, chunks: int = 1) -> PipelineRun:
+    """Event simulation of the 1F1B schedule over len(times) virtual stages, `chunks` per
+    device (virtual stage v on device v mod pp, its ranks v mod pp·tp … + tp − 1), each rank
+    handing its activations (forward) or their gradients (backward) to the same rank of the
+    neighbouring virtual stage's device over the links (`system` None: hand-overs take no
+    time). Finish and busy times are per device."""
+    stages = len(times)
+    pp = stages // chunks
     env = simpy.Environment()
     network = None if system is None else Network(env, system, system.count)
-    arrived = {(kind, s, m): env.event() for kind in "FB" for s in range(pp)
+    arrived = {(kind, s, m): env.event() for kind in "FB" for s in range(stages)
                for m in range(micro_batches)}
     finish = [0.0] * pp
     busy = [0.0] * pp
@@ -170,30 +220,31 @@ def run_one_f_one_b(system: System | None, times: list[StageTimes], handed: list
         for rank in range(tp if network is not None else 0):
             event = env.event()
             landed.append(event)
-            env.process(network.transfer(s * tp + rank, to * tp + rank, handed[min(s, to)],
-                                         event))
+            env.process(network.transfer(s % pp * tp + rank, to % pp * tp + rank,
+                                         handed[min(s, to)], event))
         yield simpy.AllOf(env, landed)
         arrived[(kind, to, m)].succeed()
 
-    def stage(s: int) -> simpy.events.ProcessGenerator:
-        for kind, m in one_f_one_b(s, pp, micro_batches):
+    def device(d: int) -> simpy.events.ProcessGenerator:
+        for kind, s, m in schedule(d, pp, chunks, micro_batches):
             if kind == "F" and s > 0:
                 yield arrived[("F", s, m)]
-            if kind == "B" and s < pp - 1:
+            if kind == "B" and s < stages - 1:
                 yield arrived[("B", s, m)]
             t = times[s]
             ns = t.forward if kind == "F" else (t.last_backward if m == micro_batches - 1
                                                 else t.backward)
             yield env.timeout(ns)
-            busy[s] += ns
-            if (kind == "F" and s < pp - 1) or (kind == "B" and s > 0):
+            busy[d] += ns
+            if (kind == "F" and s < stages - 1) or (kind == "B" and s > 0):
                 env.process(send(kind, s, m))
-        yield env.timeout(times[s].optimizer)
-        busy[s] += times[s].optimizer
-        finish[s] = env.now
+        optimizer = sum(times[c * pp + d].optimizer for c in range(chunks))
+        yield env.timeout(optimizer)
+        busy[d] += optimizer
+        finish[d] = env.now
 
-    for s in range(pp):
-        env.process(stage(s))
+    for d in range(pp):
+        env.process(device(d))
     env.run()
     return PipelineRun(tuple(finish), tuple(busy))
 

@@ -18,8 +18,10 @@ from simulator.training.pipeline import (
     StageTimes,
     memoized,
     run_one_f_one_b,
+    schedule,
     split_passes,
     split_stages,
+    stash_peak,
     stashed_bytes,
 )
 from simulator.training.step import LINKS, STAGES, DeviceMemory, TrainingResult, link_kind
@@ -60,10 +62,11 @@ def _runner(machine: Hardware, links: Callable | None) -> Callable[[Trace], _Run
 
 def pipelined_step(system: System, machine: Hardware, training: TrainingTrace,
                    split: TrainingTrace, *, batch: int, micro: int, dp: int, tp: int, pp: int,
-                   zero: int, peak: float, dtype: str, links: Callable | None
-                   ) -> TrainingResult:
+                   zero: int, peak: float, dtype: str, links: Callable | None,
+                   chunks: int = 1) -> TrainingResult:
     """One step of `split` (one tensor-parallel device's share of `training`) through a
-    pp-stage 1F1B pipeline, each stage replicated `dp` times."""
+    pp-stage 1F1B pipeline (`chunks` model chunks per device: the interleaved schedule),
+    each stage replicated `dp` times."""
     from simulator.errors import UserError
 
     if zero > 1:
@@ -73,10 +76,15 @@ def pipelined_step(system: System, machine: Hardware, training: TrainingTrace,
     if training.trainable != training.params:
         raise UserError("--pp", "cuts trainable models; LoRA adapters on a pipelined frozen "
                                 "base are not modelled, expected --pp 1 with --lora")
-    stages, handed = split_stages(split, pp)
+    micro_batches = batch // dp // micro
+    if chunks > 1 and micro_batches % pp:
+        raise UserError("--pp-interleave", f"runs the micro-batches in groups of --pp {pp}; "
+                                           f"expected a multiple of {pp} micro-batches per "
+                                           f"replica, not {micro_batches}")
+    stages, handed = split_stages(split, pp * chunks,
+                                  "--pp" if chunks == 1 else "--pp-interleave")
     shares: list[Replica] = [replica(stage, dp, zero, stride=tp * pp) for stage in stages]
     run = _runner(machine, links)
-    micro_batches = batch // dp // micro
     times, parts = [], []
     for share in shares:
         fwd, last_bwd, opt = (run(part) for part in split_passes(share.trace))
@@ -84,7 +92,7 @@ def pipelined_step(system: System, machine: Hardware, training: TrainingTrace,
         bwd = run(plain[1]) if plain is not None else last_bwd
         times.append(StageTimes(fwd.ns, bwd.ns, last_bwd.ns, opt.ns))
         parts.append((fwd, bwd, last_bwd, opt))
-    pipe = run_one_f_one_b(system, times, handed, micro_batches, tp)
+    pipe = run_one_f_one_b(system, times, handed, micro_batches, tp, chunks)
     step_s = pipe.makespan_ns * 1e-9
     count = dp * tp * pp
     stage_s = dict.fromkeys((*STAGES, *LINKS), 0.0)
@@ -100,29 +108,42 @@ def pipelined_step(system: System, machine: Hardware, training: TrainingTrace,
     devices: dict[int, DeviceMemory] = {}
     saved: dict[str, int] = {}
     worst, timeline = None, None
-    for s, (share, (fwd, _, last_bwd, opt)) in enumerate(zip(shares, parts, strict=True)):
+    tops, stash = [], {}
+    for v, (share, (fwd, _, last_bwd, opt)) in enumerate(zip(shares, parts, strict=True)):
         ends = (*fwd.ends_s, *(fwd.ns * 1e-9 + t for t in last_bwd.ends_s),
                 *((fwd.ns + last_bwd.ns) * 1e-9 + t for t in opt.ends_s))
         held = {"weights": share.weights_bytes, "optimizer": share.optimizer_bytes,
                 "gradients": share.gradient_bytes}
-        memory = memory_timeline(share.trace.ops, share.buffers, held, ends, 1, 0.0)
-        top = memory.peak()
-        extra = (min(pp - s, micro_batches) - 1) * stashed_bytes(share.trace.ops, share.buffers)
-        at_peak = dict(zip(CATEGORIES, top.bytes, strict=True))
-        at_peak["activations"] += extra
+        # two micro-batches: the second runs with the gradients the first accumulated into
+        memory = memory_timeline(share.trace.ops, share.buffers, held, ends,
+                                 min(micro_batches, 2), (fwd.ns + last_bwd.ns) * 1e-9)
+        resident = {**held, "gradients": held["gradients"] + sum(
+            b.bytes for b in share.buffers if b.free < 0 and b.category == "gradients")}
+        tops.append((memory.peak(), resident))
+        stash[v] = stashed_bytes(share.trace.ops, share.buffers)
         saved.update(saved_for_backward(share.trace.ops, share.buffers))
-        if s == 0:
+        if v == 0:
             timeline = memory
+    for s in range(pp):  # a device: one chunk running, the others' weights and state held
+        mine = [tops[c * pp + s] for c in range(chunks)]
+        running = max(range(chunks),
+                      key=lambda c: mine[c][0].total - sum(mine[c][1].values()))
+        top = mine[running][0]
+        at_peak = dict(zip(CATEGORIES, top.bytes, strict=True))
+        for c, (_, resident) in enumerate(mine):
+            for category, size in resident.items():
+                at_peak[category] += size if c != running else 0
+        at_peak["activations"] += stash_peak(schedule(s, pp, chunks, micro_batches), stash)
+        total = sum(at_peak.values())
         for r in range(dp):
             for t in range(tp):
                 device = r * pp * tp + s * tp + t
                 devices[device] = DeviceMemory(
                     device=f"{machine.name}[{device}]",
                     capacity_bytes=machine.memory.dram.capacity,
-                    peak_memory_bytes=top.total + extra, peak_time_s=top.time_s,
-                    at_peak_bytes=at_peak)
-        if worst is None or top.total + extra > worst[0]:
-            worst = (top.total + extra, s, at_peak, top.time_s)
+                    peak_memory_bytes=total, peak_time_s=top.time_s, at_peak_bytes=at_peak)
+        if worst is None or total > worst[0]:
+            worst = (total, s, at_peak, top.time_s)
     assert worst is not None
     capacity = machine.memory.dram.capacity
     oom = None
@@ -130,7 +151,7 @@ def pipelined_step(system: System, machine: Hardware, training: TrainingTrace,
         name, size = max(worst[2].items(), key=lambda pair: pair[1])
         oom = (f"{machine.name}[{worst[1] * tp}] (pipeline stage {worst[1]}) runs out of "
                f"memory: peak {worst[0] / GIB:.2f} GiB, {worst[3]:.3f} s into a micro-batch "
-               f"with {min(pp - worst[1], micro_batches)} in flight, capacity "
+               f"with the activations of those in flight, capacity "
                f"{capacity / GIB:.2f} GiB (memory.dram.capacity); {name} hold the most, "
                f"{size / GIB:.2f} GiB")
     tokens = batch * training.trace.prompt
@@ -144,7 +165,7 @@ def pipelined_step(system: System, machine: Hardware, training: TrainingTrace,
         batch=batch, micro_batch=micro, micro_batches=micro_batches,
         seq_len=training.trace.prompt, tokens=tokens, recompute=training.recompute,
         optimizer=training.optimizer, devices_count=count, dp=dp, tp=tp, pp=pp, sp=1, zero=zero,
-        step_time_s=step_s,
+        pp_interleave=chunks, fpdt_chunks=1, step_time_s=step_s,
         micro_batch_time_s=max((t.forward + t.backward) * 1e-9 for t in times),
         tokens_per_s=tokens / step_s if step_s else 0.0, model_flops=flops,
         model_tflops_per_gpu=flops / per_device * 1e-12 if step_s else 0.0,

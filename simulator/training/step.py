@@ -77,6 +77,10 @@ class TrainingResult:
     pp: int
     sp: int
     zero: int
+    #: model chunks per pipeline stage (the interleaved 1F1B schedule; 1: plain 1F1B)
+    pp_interleave: int
+    #: FPDT's chunks per sequence (simulator.training.chunked; 1: none)
+    fpdt_chunks: int
     step_time_s: float
     #: one micro-batch's forward and backward (the step: micro_batches × this + optimizer)
     micro_batch_time_s: float
@@ -141,6 +145,7 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
                       recompute: Recompute = "none", optimizer: Optimizer = "adamw",
                       dp: int = 1, tp: int = 1, pp: int = 1, sp: int = 1, zero: int = 0,
                       lora: str | None = None, offload: str | None = None,
+                      chunk: int | str | None = None, pp_interleave: int = 1,
                       hw_set: dict[str, Any] | None = None,
                       model_set: dict[str, str] | None = None,
                       trace_file: str | Path | None = None,
@@ -151,14 +156,17 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
     or the model's positions if fewer) in micro-batches of `micro_batch`, `recompute` (none,
     selective: attention, full: every block), `optimizer` (adamw, sgd with momentum) over
     fp32 master weights, `tp`-way tensor parallelism in each replica
-    (simulator.training.tensor_parallel), `pp` pipeline stages (simulator.training.pipeline),
+    (simulator.training.tensor_parallel), `pp` pipeline stages (simulator.training.pipeline;
+    `pp_interleave` model chunks per stage: the interleaved schedule),
     `sp`-way Ulysses sequence parallelism (simulator.training.sequence_parallel),
     ZeRO stage `zero` (simulator.training.data_parallel), `lora` adapters on a frozen base
-    (simulator.workload.lora), `offload` "activations" (simulator.training.offload). A step
+    (simulator.workload.lora), `offload` "activations" (simulator.training.offload), FPDT's
+    chunks of `chunk` tokens (simulator.training.chunked). A step
     that does not fit is still timed; `out_of_memory` says where and why."""
     from simulator.api import run_trace
     from simulator.hardware.system import load_machine
     from simulator.parallel import links_of
+    from simulator.training.chunked import chunks_of, fpdt_chunks
     from simulator.training.data_parallel import check_zero, replica
     from simulator.training.offload import host_links, offload_checkpoints, parse_offload
     from simulator.training.sequence_parallel import split_sequence_training
@@ -171,10 +179,14 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1 or batch % dp:
         raise UserError("--dp", f"expected a divisor of --batch {batch} (each replica takes "
                         f"an equal share of the sequences), not {dp!r}")
-    for flag, value in (("--tp", tp), ("--pp", pp), ("--sp", sp)):
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--sp", sp),
+                        ("--pp-interleave", pp_interleave)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(flag, f"expected a whole number ≥ 1, not {value!r}")
     check_zero(zero, dp * sp)
+    if pp_interleave > 1 and pp == 1:
+        raise UserError("--pp-interleave", f"interleaves the stages of a pipeline; expected "
+                                           f"--pp > 1 with --pp-interleave {pp_interleave}")
     if sp > 1 and tp * pp > 1:
         raise UserError("--sp", f"Ulysses with tensor or pipeline parallelism is not modelled; "
                                 f"expected --sp 1 with --tp {tp} --pp {pp}")
@@ -194,6 +206,7 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
     if limit is not None and seq_len > limit:
         raise UserError("--prompt", f"{cfg.name} has {limit} positions; expected a sequence "
                         f"length ≤ {limit}, not {seq_len}")
+    chunks = chunks_of(chunk, seq_len, recompute, tp, pp)
     dtype = compute_dtype(cfg)
     peak = peak_flops(machine, dtype)
     adapters = None
@@ -209,6 +222,10 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
     split = split_sequence_training(split_training(training, tp), sp)
     if offloaded:
         split, links = offload_checkpoints(split), host_links(links, machine)
+    if chunks > 1:
+        split = fpdt_chunks(split, chunks)
+        if not offloaded:
+            links = host_links(links, machine, "--chunk")
     if pp > 1:
         from simulator.training.pipelined import pipelined_step
 
@@ -218,7 +235,7 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
         assert system is not None
         out = pipelined_step(system, machine, training, split,
                              batch=batch, micro=micro, dp=dp, tp=tp, pp=pp, zero=zero,
-                             peak=peak, dtype=dtype, links=links)
+                             peak=peak, dtype=dtype, links=links, chunks=pp_interleave)
         if plot_dir is not None:
             from simulator.training.plots import save_memory_plot
 
@@ -231,7 +248,7 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
     if share.plain is not None and batch // dp // micro > 1:
         plain_s = run_trace(machine, share.plain, fit=False, links=links)[0].latency_s
     step = _Step(machine, training, share, result, timeline, batch, micro, dp, tp, sp, zero,
-                 peak, dtype, plain_s)
+                 chunks, peak, dtype, plain_s)
     out = step.result()
     if trace_file is not None:
         from simulator.files import write_atomic
@@ -260,6 +277,7 @@ class _Step:
     tp: int
     sp: int
     zero: int
+    chunks: int
     peak: float
     dtype: str
     #: a micro-batch without gradient collectives (gradient accumulation), where it differs
@@ -319,7 +337,7 @@ class _Step:
             micro_batch=self.micro, micro_batches=micro_batches, seq_len=training.trace.prompt,
             tokens=tokens, recompute=training.recompute, optimizer=training.optimizer,
             devices_count=count, dp=self.dp, tp=self.tp, pp=1, sp=self.sp, zero=self.zero,
-            step_time_s=step_s,
+            pp_interleave=1, fpdt_chunks=self.chunks, step_time_s=step_s,
             micro_batch_time_s=accumulate_s, tokens_per_s=tokens / step_s if step_s else 0.0,
             model_flops=flops,
             model_tflops_per_gpu=flops / per_device * 1e-12 if step_s else 0.0,

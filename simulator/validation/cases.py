@@ -122,11 +122,15 @@ class Training(BaseModel):
     dp: int = Field(1, ge=1)
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
+    #: model chunks per pipeline stage (Megatron's interleaved 1F1B)
+    pp_interleave: int = Field(1, ge=1)
     sp: int = Field(1, ge=1)
     zero: int = Field(0, ge=0, le=3)
     recompute: Literal["none", "selective", "full"] = "none"
     optimizer: Literal["adamw", "sgd"] = "adamw"
     offload: Literal["activations"] | None = None
+    #: FPDT's chunk tokens (simulator.training.chunked)
+    chunk: int | None = Field(None, ge=1)
     #: max_seq_len: the model setting raised with the sequence length as it doubles
     positions: str = "max_position_embeddings"
 
@@ -427,8 +431,9 @@ def _train(case: Case) -> float:
         return simulate_training(
             case.hardware, case.model, batch=case.batch, seq_len=seq_len,
             micro_batch=step.micro_batch, recompute=step.recompute, optimizer=step.optimizer,
-            dp=step.dp, tp=step.tp, pp=step.pp, sp=step.sp, zero=step.zero,
-            offload=step.offload, hw_set=case.hw_set, model_set=model_set)
+            dp=step.dp, tp=step.tp, pp=step.pp, pp_interleave=step.pp_interleave, sp=step.sp,
+            zero=step.zero, offload=step.offload, chunk=step.chunk, hw_set=case.hw_set,
+            model_set=model_set)
 
     if case.metric != "max_seq_len":
         return float(getattr(run(case.prompt, _strings(case.model_set)), case.metric))
