@@ -608,10 +608,11 @@ def _matrix_flops(training: TrainingTrace, stage: str) -> dict[str, int]:
     return dict(flops)
 
 
-@pytest.mark.parametrize(("name", "inputs"), [
-    ("llama2-7b", (".mlp.gate_proj", ".mlp.up_proj")), ("gpt2", (".mlp.c_fc",))])
+@pytest.mark.parametrize(("name", "inputs", "norm"), [
+    ("llama2-7b", (".mlp.gate_proj", ".mlp.up_proj"), ".attn_norm"),
+    ("gpt2", (".mlp.c_fc",), ".ln_1")])
 def test_fpdt_chunks_recompute_the_feed_forward_and_logits_and_stream_attention(
-        traces, name: str, inputs: tuple[str, ...]) -> None:
+        traces, name: str, inputs: tuple[str, ...], norm: str) -> None:
     """FPDT's chunks keep every forward and backward op and add exactly one more recompute of
     each feed-forward's input GEMMs and of the logits; every layer's saved attention tensors
     go to the host once in the recompute and stream back in the backward, (u + 1) / 2 times
@@ -639,6 +640,11 @@ def test_fpdt_chunks_recompute_the_feed_forward_and_logits_and_stream_attention(
     sent = next(op for op in copies if op.module.endswith("fpdt_offload")
                 and op.layer == attention.layer)
     assert sent.input_bytes > attention.input_bytes + attention.output_bytes
+    normed = next(op for op in whole.trace.ops if op.stage == "recompute"
+                  and op.module == attention.layer + norm)
+    lse = d.get("batch", 1) * d["q_len"] * d["heads"] * 4
+    assert sent.input_bytes == (attention.input_bytes + attention.output_bytes
+                                + normed.output_bytes + lse)
     fetched = sum(op.input_bytes for op in copies if op.layer == attention.layer
                   and op.module.endswith(("fpdt_prefetch", "fpdt_stream")))
     assert fetched >= (2 * q + 2 * attention.output_bytes) * (u + 1) / 2

@@ -32,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from simulator.errors import UserError
-from simulator.workload.trace import Op
+from simulator.training.offload import host_copy
+from simulator.workload.trace import Op, readers_of
 from simulator.workload.training import Buffer, TrainingTrace
 
 #: bytes of the log-sum-exp per token and head (fp32)
@@ -63,11 +64,7 @@ def chunks_of(chunk: int | str | None, seq_len: int, recompute: str, tp: int, pp
 
 
 def _copy(kind: str, nbytes: int, at: Op, stage: str, what: str) -> Op:
-    return Op(index=0, name=kind, fn=kind, kind="collective",
-              module=f"{at.module}.fpdt_{what}", layer=at.layer, dtype=at.dtype, ops=0,
-              weight_bytes=0, state_read_bytes=0, state_write_bytes=0, input_bytes=nbytes,
-              output_bytes=nbytes, dims={"devices": 1, "overlap": 1}, deps=(), stage=stage,
-              shapes=f"{nbytes} B over the host link")
+    return host_copy(kind, nbytes, at, stage, f"fpdt_{what}")
 
 
 def _ancestors(index: int, ops: tuple[Op, ...], within: set[int]) -> set[int]:
@@ -146,10 +143,7 @@ def fpdt_chunks(training: TrainingTrace, u: int) -> TrainingTrace:
     if u == 1:
         return training
     ops = training.trace.ops
-    readers: dict[int, list[int]] = {}
-    for op in ops:
-        for dep in op.deps:
-            readers.setdefault(dep, []).append(op.index)
+    readers = readers_of(ops)
     region = _regions(ops)
     double = min(1.0, 2 / u)
 
@@ -186,7 +180,7 @@ def fpdt_chunks(training: TrainingTrace, u: int) -> TrainingTrace:
             again[fwd.index] = emit(fwd.evolve(stage="recompute"), (*deps, last))
         return len(out) - 1
 
-    saved = _saved_bytes(ops)
+    saved = _saved_bytes(ops, region)
     recomputed_mlp: dict[str, list[Op]] = {}
     recomputed_loss = [op for op in ops if region[op.index] == "loss" and op.stage == "fwd"
                        and op.kind != "collective"]
@@ -236,12 +230,13 @@ def _lse(op: Op) -> int:
     return d.get("batch", 1) * d["q_len"] * d["heads"] * _LSE_BYTES
 
 
-def _saved_bytes(ops: tuple[Op, ...]) -> dict[str, tuple[int, int, int, int]]:
+def _saved_bytes(ops: tuple[Op, ...], region: list[str]
+                 ) -> dict[str, tuple[int, int, int, int]]:
     """Per layer: one device's q, k + v, attention output and attention-input (norm) bytes
     that FPDT keeps in host memory."""
     saved: dict[str, tuple[int, int, int, int]] = {}
     norms = {op.layer: op.output_bytes for op in ops
-             if op.stage == "recompute" and op.module == f"{op.layer}.attn_norm"}
+             if op.stage == "recompute" and region[op.index] == "attention_input"}
     for op in ops:
         if op.kind != "attention" or op.stage != "recompute":
             continue

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from simulator.errors import UserError
 from simulator.hardware import Hardware
-from simulator.workload.trace import Op
+from simulator.workload.trace import Op, readers_of
 from simulator.workload.training import Buffer, TrainingTrace
 
 OFFLOADS = ("activations", "optimizer")
@@ -42,21 +42,24 @@ def parse_offload(text: str | None, recompute: str) -> bool:
     return True
 
 
-def _copy(kind: str, buffer: Buffer, at: Op) -> Op:
-    return Op(index=0, name=kind, fn=kind, kind="collective", module=f"{at.module}.{kind}",
+def host_copy(kind: str, nbytes: int, at: Op, stage: str, what: str) -> Op:
+    """A `kind` ("d2h" or "h2d") copy of `nbytes` over the host link, issued at `at`, in
+    `stage`, named `at.module`.`what`; timed by `host_links`."""
+    return Op(index=0, name=kind, fn=kind, kind="collective", module=f"{at.module}.{what}",
               layer=at.layer, dtype=at.dtype, ops=0, weight_bytes=0, state_read_bytes=0,
-              state_write_bytes=0, input_bytes=buffer.bytes, output_bytes=buffer.bytes,
-              dims={"devices": 1, "overlap": 1}, deps=(), stage=at.stage,
-              shapes=f"{buffer.bytes} B over the host link")
+              state_write_bytes=0, input_bytes=nbytes, output_bytes=nbytes,
+              dims={"devices": 1, "overlap": 1}, deps=(), stage=stage,
+              shapes=f"{nbytes} B over the host link")
+
+
+def _copy(kind: str, buffer: Buffer, at: Op) -> Op:
+    return host_copy(kind, buffer.bytes, at, at.stage, kind)
 
 
 def offload_checkpoints(training: TrainingTrace) -> TrainingTrace:
     """`training` (full recompute) with its checkpoints offloaded to the host."""
     ops = training.trace.ops
-    readers: dict[int, list[int]] = {}
-    for op in ops:
-        for dep in op.deps:
-            readers.setdefault(dep, []).append(op.index)
+    readers = readers_of(ops)
     checkpoints: dict[int, int] = {}  # buffer number → its first recompute reader
     for number, buffer in enumerate(training.buffers):
         if (buffer.category == "activations" and buffer.free >= 0

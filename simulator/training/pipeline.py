@@ -30,7 +30,7 @@ import simpy
 from simulator.engine.network import Network
 from simulator.errors import UserError
 from simulator.hardware.system import System
-from simulator.workload.trace import Op, Trace
+from simulator.workload.trace import Op, Trace, readers_of
 from simulator.workload.training import Buffer, TrainingTrace
 
 
@@ -64,10 +64,7 @@ def split_stages(training: TrainingTrace, pp: int, flag: str = "--pp"
     ops = training.trace.ops
     stage_of = stage_of_layers(training.trace, pp, flag)
     where = [stage_of[op.layer] for op in ops]
-    readers: dict[int, list[int]] = {}
-    for op in ops:
-        for dep in op.deps:
-            readers.setdefault(dep, []).append(op.index)
+    readers = readers_of(ops)
     handed = [0] * pp
     for op in ops:
         nxt = where[op.index] + 1

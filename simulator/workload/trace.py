@@ -74,6 +74,15 @@ class Op:
 _OP_FIELDS = frozenset(f.name for f in fields(Op))
 
 
+def readers_of(ops: tuple[Op, ...] | list[Op]) -> dict[int, list[int]]:
+    """Each op's index → the indices of the ops that read its output, in order."""
+    readers: dict[int, list[int]] = {}
+    for op in ops:
+        for dep in op.deps:
+            readers.setdefault(dep, []).append(op.index)
+    return readers
+
+
 @dataclass(frozen=True)
 class Trace:
     """The ops of one step (a decode step, a whole prefill, or an encoder's forward pass)
