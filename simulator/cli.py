@@ -205,11 +205,16 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chunk", default=None, metavar="TOKENS",
                        help="FPDT: run each sequence in chunks of TOKENS (needs --recompute "
                             "full; with --sp for Ulysses)")
+    group.add_argument("--classes", type=int, default=None, metavar="N",
+                       help="CLIP: few-shot classification over N classes, every class's "
+                            "prompt through the text tower each step (default: contrastive, "
+                            "one caption an image)")
 
 
 #: Training flags and what an inference run has instead; inference flags a training step
 #: does not take yet, with their neutral values.
-_TRAIN_ONLY = ("micro_batch", "recompute", "optimizer", "zero", "offload", "lora", "chunk")
+_TRAIN_ONLY = ("micro_batch", "recompute", "optimizer", "zero", "offload", "lora", "chunk",
+               "classes")
 _NOT_IN_TRAINING = {"context": None, "quant": None, "moe_routing": None, "mapping": "tensor",
                     "runtime": None, "tp_sp": False, "tp_overlap": 1, "micro_batches": 1,
                     "ep": 1, "placement": None,
@@ -234,7 +239,7 @@ def _run_training(args: argparse.Namespace) -> int:
         recompute=args.recompute or "none", optimizer=args.optimizer or "adamw",
         dp=args.dp, tp=args.tp, pp=args.pp, sp=args.sp, zero=args.zero or 0, lora=args.lora,
         offload=args.offload, chunk=args.chunk, pp_interleave=args.pp_interleave,
-        hw_set=_pairs(args.hw_set, "--hw-set", True),
+        classes=args.classes, hw_set=_pairs(args.hw_set, "--hw-set", True),
         model_set=_pairs(args.model_set, "--model-set", False), trace_file=args.trace,
         plot_dir=args.plot, use_cache=not args.no_cache)
     if args.format == "csv":

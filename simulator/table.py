@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from simulator.report import Result, SystemShare
@@ -240,6 +241,6 @@ def render_training(result: TrainingResult, console: Console | None = None) -> N
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    console.print(f"[dim]{result.flops_formula}[/dim]")
+    console.print(f"[dim]{escape(result.flops_formula)}[/dim]")
     if result.out_of_memory:
         console.print(f"[bold red]{result.out_of_memory}[/bold red]")

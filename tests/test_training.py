@@ -255,7 +255,7 @@ def test_training_refuses_what_it_does_not_model(capsys, args: list[str], fragme
 
 
 @pytest.mark.parametrize(("model", "fragment"), [
-    ("1.3b", "MatMul-free"), ("mixtral-8x7b", "MoE"), ("vit-b-16", "causal")])
+    ("1.3b", "MatMul-free"), ("mixtral-8x7b", "MoE")])
 def test_models_without_a_training_step_are_refused(capsys, model: str, fragment: str) -> None:
     refused(capsys, ["--hw", "gpu_a100.yaml", "--model", model, "--phase", "train"], fragment)
 
@@ -667,3 +667,90 @@ def test_fpdt_chunks_lower_the_peak_and_are_refused_where_not_modelled(capsys) -
     refused(capsys, [*base, "--chunk", "many", "--recompute", "full"], "--chunk", "whole")
     refused(capsys, [*base, "--chunk", "16", "--recompute", "full", "--tp", "2"], "--chunk",
             "--sp")
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "workloads" / "configs"
+
+
+@pytest.fixture(scope="module")
+def clip_cfg(tmp_path_factory):
+    """CLIP ViT-B/16 at two blocks a tower (its widths, heads and lengths unchanged)."""
+    config = json.loads((CONFIGS / "clip-vit-b-16.json").read_text())
+    for tower in ("text_config", "vision_config"):
+        config[tower]["num_hidden_layers"] = 2
+    path = tmp_path_factory.mktemp("clip") / "config.json"
+    path.write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    return resolve_model(str(path), None, None)
+
+
+def test_clip_trains_on_images_and_every_class_prompt(clip_cfg) -> None:
+    """Few-shot CLIP: the vision tower sees the batch's images (197 tokens each), the text
+    tower every class prompt (77 tokens each); backward = 2 × forward for every linear of
+    both towers, and the model FLOPs are the traced forward and backward matrix FLOPs."""
+    training = capture_training(clip_cfg, 3, 197, classes=5)
+    ops_ = training.trace.ops
+    linears = {op.module: op for op in ops_
+               if op.stage == "fwd" and op.kind == "matmul" and op.weight_bytes}
+    rows = {m.partition(".")[0]: op.dims["m"] for m, op in linears.items()
+            if m.endswith("layers.0.self_attn.q_proj")}
+    assert rows == {"vision_model": 3 * 197, "text_model": 5 * 77}
+    act, weight = _weight_matmuls(ops_, "bwd_act"), _weight_matmuls(ops_, "bwd_weight")
+    for module, op in linears.items():
+        assert weight.get(module) == op.ops, module
+        if module != "vision_model.embeddings.patch_embedding":  # no gradient to pixels
+            assert act.get(module) == op.ops, module
+    assert training.encoder and training.trainable == training.params
+    flops = simulate_training(load_hardware("gpu_rtx3090.yaml"), clip_cfg, batch=6,
+                              micro_batch=3, classes=5, use_cache=False)
+    traced = sum(op.ops for op in ops_ if op.kind in MATRIX_KINDS and op.stage != "optim")
+    assert flops.model_flops == 2 * traced and flops.seq_len == 197
+    assert flops.tokens == 6 * 197 and "traced" in flops.flops_formula
+
+
+def test_a_frozen_clip_has_adapter_gradients_only_and_a_lower_peak(clip_cfg) -> None:
+    hw = load_hardware("gpu_rtx3090.yaml")
+    full = simulate_training(hw, clip_cfg, batch=4, classes=8, use_cache=False)
+    adapted = simulate_training(hw, clip_cfg, batch=4, classes=8, lora="rank=2,modules=q,k,v",
+                                use_cache=False)
+    block = simulate_training(hw, clip_cfg, batch=4, classes=8, use_cache=False,
+                              lora="rank=2,modules=q,k,v,shared_down=true")
+    # rank 2 on q, k, v of 2 blocks a tower: text 512 wide, vision 768 (Block-LoRA: A cut in 4)
+    assert adapted.trainable_parameters == 2 * 3 * (2 * 2 * 512 + 2 * 2 * 768)
+    assert block.trainable_parameters == 2 * 3 * (2 * 512 + 2 * 768) + 2 * (512 + 768) // 4
+    training = capture_training(clip_cfg, 4, 197, classes=8,
+                                lora=parse_lora("rank=2,modules=q,k,v"))
+    for op in training.trace.ops:
+        if op.stage == "bwd_weight" and op.kind == "matmul":
+            assert op.module.endswith(("q_proj", "k_proj", "v_proj")), op.module
+            assert 2 in (op.dims["m"], op.dims["n"]), op.shapes
+    for lora in (adapted, block):  # no inputs of frozen GEMMs kept, no AdamW state for them
+        assert lora.peak_memory_bytes < full.peak_memory_bytes
+        # AdamW's fp32 master copy and two moments: of the adapters only
+        assert lora.devices[0].at_peak_bytes["optimizer"] == 12 * lora.trainable_parameters
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--tp", "2"], "--tp"), (["--prompt", "100"], "--prompt"),
+    (["--recompute", "full", "--offload", "activations"], "--offload")])
+def test_an_encoder_step_refuses_what_it_does_not_model(capsys, args: list[str],
+                                                        fragment: str) -> None:
+    refused(capsys, ["--hw", "dgx_a100.yaml", "--model", "clip-vit-b-16", "--phase", "train",
+                     "--batch", "2", *args], fragment)
+
+
+def test_classes_are_clip_prompts_only(capsys) -> None:
+    refused(capsys, ["--hw", "gpu_a100.yaml", "--model", "gpt2", "--phase", "train",
+                     "--classes", "10"], "--classes", "text tower")
+    refused(capsys, ["--hw", "gpu_a100.yaml", "--model", "vit-b-16", "--phase", "train",
+                     "--classes", "10"], "--classes")
+    refused(capsys, ["--hw", "gpu_a100.yaml", "--model", "clip-vit-b-16", "--phase", "train",
+                     "--classes", "0"], "--classes")
+    refused(capsys, ["--hw", "gpu_a100.yaml", "--model", "clip-vit-b-16", "--classes", "10"],
+            "--classes", "--phase train")
+
+
+def test_a_vision_classifier_trains_on_its_class_logits() -> None:
+    result = simulate_training(load_hardware("gpu_a100.yaml"), "vit-b-16", batch=2,
+                               model_set={"num_hidden_layers": "1"}, use_cache=False)
+    assert result.seq_len == 197 and result.trainable_parameters == result.parameters
+    assert 0 < result.mfu <= result.hfu

@@ -17,7 +17,7 @@ from typing import Any
 from simulator.errors import UserError
 from simulator.hardware import Hardware
 from simulator.training.data_parallel import Replica, is_data_parallel
-from simulator.training.flops import FORMULA, model_flops, peak_flops
+from simulator.training.flops import ENCODER_FORMULA, FORMULA, model_flops, peak_flops, traced_flops
 from simulator.training.memory import (
     GIB,
     MemoryTimeline,
@@ -33,6 +33,7 @@ from simulator.workload.training import (
     Recompute,
     TrainingTrace,
 )
+from workloads.hf_config import HFConfig
 from workloads.models import AnyModel
 
 STAGES = ("fwd", "bwd_act", "bwd_weight", "recompute", "optim")
@@ -128,6 +129,35 @@ def compute_dtype(cfg: AnyModel) -> str:
     return _DTYPE_NAMES.get(getattr(cfg, "torch_dtype", "bfloat16"), "bf16")
 
 
+def encoder_step(cfg: HFConfig, seq_len: int | None, classes: int | None, *, tp: int,
+                 pp: int, sp: int, chunk: int | str | None, offload: str | None) -> int:
+    """An encoder's tokens per image (its image size fixes them), after refusing, in one
+    line, what its step does not model: model parallelism, FPDT chunks, offload, and
+    `classes` other than CLIP's."""
+    from simulator.workload.training import image_tokens
+
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--sp", sp)):
+        if value > 1:
+            raise UserError(flag, f"{cfg.name}: an encoder's step is modelled on one device or "
+                                  f"data-parallel replicas (--dp, --zero); expected {flag} 1")
+    for flag, given in (("--chunk", chunk), ("--offload", offload)):
+        if given is not None:
+            raise UserError(flag, f"{cfg.name}: is modelled for language models; expected it "
+                                  "left out for an encoder")
+    tokens = image_tokens(cfg)
+    if seq_len is not None and seq_len != tokens:
+        raise UserError("--prompt", f"{cfg.name}'s image size fixes its {tokens} tokens an "
+                                    f"image (patches and the class token); expected it left "
+                                    f"out, not {seq_len}")
+    if classes is not None:
+        if cfg.task != "clip":
+            raise UserError("--classes", f"sets CLIP's class prompts; {cfg.name} has no text "
+                                         "tower, expected it left out")
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+            raise UserError("--classes", f"expected a whole number ≥ 1, not {classes!r}")
+    return tokens
+
+
 def check_step(batch: int, micro_batch: int | None, seq_len: int) -> int:
     """The micro-batch a step of `batch` sequences runs in (default: the whole batch)."""
     for flag, value in (("--batch", batch), ("--prompt", seq_len)):
@@ -146,7 +176,7 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
                       dp: int = 1, tp: int = 1, pp: int = 1, sp: int = 1, zero: int = 0,
                       lora: str | None = None, offload: str | None = None,
                       chunk: int | str | None = None, pp_interleave: int = 1,
-                      hw_set: dict[str, Any] | None = None,
+                      classes: int | None = None, hw_set: dict[str, Any] | None = None,
                       model_set: dict[str, str] | None = None,
                       trace_file: str | Path | None = None,
                       plot_dir: str | Path | None = None,
@@ -161,8 +191,11 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
     `sp`-way Ulysses sequence parallelism (simulator.training.sequence_parallel),
     ZeRO stage `zero` (simulator.training.data_parallel), `lora` adapters on a frozen base
     (simulator.workload.lora), `offload` "activations" (simulator.training.offload), FPDT's
-    chunks of `chunk` tokens (simulator.training.chunked). A step
-    that does not fit is still timed; `out_of_memory` says where and why."""
+    chunks of `chunk` tokens (simulator.training.chunked). An encoder (ViT, CLIP) trains
+    on `batch` images, each of the vision tower's tokens (`seq_len`); CLIP on `classes`
+    class prompts a step (few-shot classification) or, without, one caption an image
+    (contrastive). A step that does not fit is still timed; `out_of_memory` says where and
+    why."""
     from simulator.api import run_trace
     from simulator.hardware.system import load_machine
     from simulator.parallel import links_of
@@ -171,7 +204,7 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
     from simulator.training.offload import host_links, offload_checkpoints, parse_offload
     from simulator.training.sequence_parallel import split_sequence_training
     from simulator.training.tensor_parallel import split_training
-    from simulator.workload.training import check_options, get_training_trace
+    from simulator.workload.training import check_options, get_training_trace, is_encoder
     from workloads.config import resolve_model
 
     check_options(recompute, optimizer)
@@ -200,6 +233,13 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
                         f"devices; --hw has {have}")
     cfg = resolve_model(model, model_set) if isinstance(model, str) else model
     limit = cfg.position_limit
+    if is_encoder(cfg):
+        seq_len = encoder_step(cfg, seq_len, classes, tp=tp, pp=pp, sp=sp, chunk=chunk,
+                               offload=offload)
+        limit = None
+    elif classes is not None:
+        raise UserError("--classes", f"sets CLIP's class prompts; {cfg.name} has no text "
+                                     "tower, expected it left out")
     if seq_len is None:
         seq_len = 2048 if limit is None else min(2048, limit)
     micro = check_step(batch // dp, micro_batch, seq_len)
@@ -215,7 +255,7 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
 
         adapters = parse_lora(lora)
     training = get_training_trace(cfg, micro, seq_len, recompute, optimizer, use_cache,
-                                  adapters)
+                                  adapters, classes)
     if not machine.scheduling.fused_attention:
         training = unfused_scores(training)
     links = links_of(system) if system is not None and devices > 1 else None
@@ -307,8 +347,11 @@ class _Step:
         count = self.dp * self.tp * self.sp
         energy_j = (dynamic + static_w * step_s) * count
         tokens = self.batch * training.trace.prompt
-        flops = model_flops(training.params, training.layers, training.hidden,
-                            training.trace.prompt, self.batch, training.trainable)
+        if training.encoder:
+            flops = traced_flops(training.trace.ops, self.batch // self.micro)
+        else:
+            flops = model_flops(training.params, training.layers, training.hidden,
+                                training.trace.prompt, self.batch, training.trainable)
         executed = self.batch // self.micro * self.tp * self.sp * sum(
             op.ops for op in ops[:first] if op.kind in MATRIX_KINDS)
         share = self.share
@@ -343,7 +386,8 @@ class _Step:
             model_tflops_per_gpu=flops / per_device * 1e-12 if step_s else 0.0,
             mfu=flops / per_device / self.peak if step_s else 0.0,
             hfu=executed / per_device / self.peak if step_s else 0.0,
-            flops_formula=f"{FORMULA} ({self.dtype}: {self.peak * 1e-12:.1f} TFLOP/s)",
+            flops_formula=f"{ENCODER_FORMULA if training.encoder else FORMULA} "
+                          f"({self.dtype}: {self.peak * 1e-12:.1f} TFLOP/s)",
             stage_time_s=stage_s, bubble_fraction=0.0, power_w=energy_j / step_s if step_s else 0.0,
             energy_j=energy_j, energy_per_token_j=energy_j / tokens,
             peak_memory_bytes=top.total, devices=devices,

@@ -45,7 +45,7 @@ Metric = Literal["block_latency_s", "blocks_latency_s", "blocks_tokens_per_s", "
                  "bandwidth_bytes_per_s", "block_latency_ratio", "alltoall_time_ratio",
                  "generate_latency_s", "serving_latency_s", "serving_speedup",
                  "serving_output_tokens_per_s", "model_tflops_per_gpu", "mfu", "step_time_s",
-                 "peak_memory_bytes", "max_seq_len"]
+                 "peak_memory_bytes", "max_seq_len", "fits_memory", "out_of_memory"]
 Role = Literal["fitted", "held-out", "consistency", "projection", "open", "report"]
 ROLES: tuple[Role, ...] = ("fitted", "held-out", "consistency", "projection", "open", "report")
 #: The standard gate of each gated role (a wider one needs a `gate_reason`).
@@ -131,6 +131,9 @@ class Training(BaseModel):
     offload: Literal["activations"] | None = None
     #: FPDT's chunk tokens (simulator.training.chunked)
     chunk: int | None = Field(None, ge=1)
+    #: low-rank adapters (--lora rank=R,modules=…), CLIP's class prompts a step (--classes)
+    lora: str | None = None
+    classes: int | None = Field(None, ge=1)
     #: max_seq_len: the model setting raised with the sequence length as it doubles
     positions: str = "max_position_embeddings"
 
@@ -422,7 +425,9 @@ LONGEST_PROBE = 1 << 24
 
 def _train(case: Case) -> float:
     """The step's metric; max_seq_len: the longest sequence, doubling from `prompt`, whose
-    step fits every device's memory (0 if `prompt` does not)."""
+    step fits every device's memory (0 if `prompt` does not); fits_memory 1 where the step
+    fits every device's memory, else 0, out_of_memory the reverse. A case that leaves
+    `prompt` out runs the model's default length (an encoder's: its image tokens)."""
     from simulator.training import TrainingResult, simulate_training
 
     step = case.training or Training()
@@ -432,11 +437,15 @@ def _train(case: Case) -> float:
             case.hardware, case.model, batch=case.batch, seq_len=seq_len,
             micro_batch=step.micro_batch, recompute=step.recompute, optimizer=step.optimizer,
             dp=step.dp, tp=step.tp, pp=step.pp, pp_interleave=step.pp_interleave, sp=step.sp,
-            zero=step.zero, offload=step.offload, chunk=step.chunk, hw_set=case.hw_set,
-            model_set=model_set)
+            zero=step.zero, offload=step.offload, chunk=step.chunk, lora=step.lora,
+            classes=step.classes, hw_set=case.hw_set, model_set=model_set)
 
+    prompt = case.prompt if "prompt" in case.model_fields_set else None
+    if case.metric in ("fits_memory", "out_of_memory"):
+        oom = run(prompt, _strings(case.model_set)).out_of_memory is not None
+        return float(oom if case.metric == "out_of_memory" else not oom)
     if case.metric != "max_seq_len":
-        return float(getattr(run(case.prompt, _strings(case.model_set)), case.metric))
+        return float(getattr(run(prompt, _strings(case.model_set)), case.metric))
     fits, seq_len = 0, case.prompt
     while seq_len <= LONGEST_PROBE:
         if run(seq_len, {**_strings(case.model_set), step.positions: str(seq_len)}

@@ -51,7 +51,7 @@ _CUSTOM: dict[str, OpKind] = {"ternary_matmul": "ternary_matmul", "rms_norm": "n
 #: FlashAttention-2's backward runs 5 matmuls where the forward runs 2 [FA-2 §3.1.2]: its
 #: FLOPs are 2.5 × the forward's (the convention of its benchmark script).
 ATTENTION_BACKWARD_FLOPS = 2.5
-_MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution"}
+_MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "convolution_backward"}
 #: A block of a model: the shortest module path that ends in an index (`layers.3`,
 #: `model.layers.3`, `transformer.h.3`, `vit.encoder.layer.3`, `layer2.1`).
 _LAYER = re.compile(r"^((?:[^.]+\.)*?\d+)(?:\.|$)")
@@ -118,6 +118,16 @@ def _work(kind: OpKind, name: str, args: tuple[Any, ...], ins: list[torch.Tensor
         m, n, k = out.numel() // out.shape[1], w.shape[0] // groups, math.prod(w.shape[1:])
         dims = {"m": m, "n": n, "k": k, "batch": groups, "parallel": groups * n}
         return 2 * groups * m * n * k, dims
+    if kind == "matmul" and name == "convolution_backward":
+        # (grad_out, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding,
+        # groups, output_mask): the input and weight gradients it is asked for, each an
+        # implicit GEMM of the forward's size (its bias gradient a sum)
+        grad, w, groups, mask = args[0], args[2], int(args[9]), args[10]
+        m, n, k = grad.numel() // grad.shape[1], w.shape[0] // groups, math.prod(w.shape[1:])
+        passes = int(mask[0]) + int(mask[1])
+        dims = {"m": m, "n": n, "k": k, "batch": groups * passes,
+                "parallel": groups * passes * n}
+        return 2 * groups * passes * m * n * k, dims
     if kind == "matmul":
         a, b = ins[-2], ins[-1]
         batch = a.shape[0] if a.dim() == 3 else 1

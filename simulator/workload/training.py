@@ -89,6 +89,8 @@ class TrainingTrace:
     hidden: int
     recompute: Recompute
     optimizer: Optimizer
+    #: an encoder (ViT, CLIP): trained on images; its model FLOPs are its traced ones
+    encoder: bool = False
 
 
     def to_json(self) -> str:
@@ -107,15 +109,15 @@ class TrainingTrace:
 
 def get_training_trace(cfg: AnyModel, micro_batch: int, seq_len: int, recompute: Recompute,
                        optimizer: Optimizer, use_cache: bool = True,
-                       lora: Lora | None = None) -> TrainingTrace:
+                       lora: Lora | None = None, classes: int | None = None) -> TrainingTrace:
     """The training trace, from the trace cache when present, else captured (and cached)."""
     from simulator.workload.cache import cached
 
     key = f"train/{micro_batch}/{seq_len}/{recompute}/{optimizer}" + (
-        f"/{lora.key()}" if lora else "")
+        f"/{lora.key()}" if lora else "") + (f"/classes{classes}" if classes else "")
     return cached(cfg, key, use_cache, TrainingTrace.from_json, TrainingTrace.to_json,
                   lambda: capture_training(cfg, micro_batch, seq_len, recompute, optimizer,
-                                           lora))
+                                           lora, classes))
 
 
 @dataclass
@@ -249,20 +251,67 @@ def check_trainable(cfg: AnyModel) -> None:
                         "BitLinear's straight-through estimator) is not modelled yet; expected "
                         "a transformer")
     if isinstance(cfg, HFConfig):
-        if cfg.task != "causal":
-            raise UserError("--phase train", f"{cfg.name}: training is modelled for causal "
-                            "language models; expected one")
         if moe_layers(cfg):
             raise UserError("--phase train", f"{cfg.name}: training an MoE model is not "
                             "modelled; expected a dense model")
     elif not isinstance(cfg, ModelConfig):
-        raise UserError("--phase train", f"{cfg.name}: training is modelled for causal "
-                        "language models from configs; expected one, not an nn.Module")
+        raise UserError("--phase train", f"{cfg.name}: training is modelled for models "
+                        "from configs; expected one, not an nn.Module")
 
 
-def _model(cfg: AnyModel, ids: torch.Tensor) -> tuple[torch.nn.Module, Any, int, int]:
+def is_encoder(cfg: AnyModel) -> bool:
+    """An image classifier (ViT) or CLIP: trained on images, not next-token prediction."""
+    return isinstance(cfg, HFConfig) and cfg.task != "causal"
+
+
+def image_tokens(cfg: HFConfig) -> int:
+    """Tokens a vision tower runs per image: its patches and the class token."""
+    vision = cfg.config["vision_config"] if cfg.task == "clip" else cfg.config
+    return (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+
+
+def _encoder_model(cfg: HFConfig, images: int,
+                   classes: int | None) -> tuple[torch.nn.Module, Any, int, int]:
+    """An encoder's training step on `images` images. ViT: cross-entropy over its class
+    logits. CLIP: with `classes`, few-shot classification as CLIP-LoRA trains it (every
+    class's prompt through the text tower each step, cross-entropy over the image-to-class
+    similarities); without, contrastive pre-training on `images` image-caption pairs
+    (transformers' symmetric CLIP loss). Layers and hidden size are the vision tower's."""
+    from workloads.hf import build_hf
+
+    model = build_hf(cfg)
+    vision = cfg.config["vision_config"] if cfg.task == "clip" else cfg.config
+    size, channels = vision["image_size"], vision["num_channels"]
+    meta = torch.device("meta")
+    pixels = torch.zeros(images, channels, size, size, dtype=getattr(torch, cfg.torch_dtype),
+                         device=meta)
+    labels = torch.zeros(images, dtype=torch.long, device=meta)
+    if cfg.task == "vision":
+        def classify() -> torch.Tensor:
+            logits = model(pixel_values=pixels).logits.float()
+            return torch.nn.functional.cross_entropy(logits, labels)
+
+        return model, classify, vision["num_hidden_layers"], vision["hidden_size"]
+    length = cfg.config["text_config"]["max_position_embeddings"]
+    ids = torch.zeros(images if classes is None else classes, length, dtype=torch.long,
+                      device=meta)
+
+    def clip_loss() -> torch.Tensor:
+        out = model(input_ids=ids, pixel_values=pixels, return_loss=classes is None)
+        if classes is None:
+            return out.loss
+        return torch.nn.functional.cross_entropy(out.logits_per_image.float(), labels)
+
+    return model, clip_loss, vision["num_hidden_layers"], vision["hidden_size"]
+
+
+def _model(cfg: AnyModel, ids: torch.Tensor,
+           classes: int | None = None) -> tuple[torch.nn.Module, Any, int, int]:
     """(the model on meta, a call returning the step's loss, layers, hidden size). The loss
-    is next-token cross-entropy over fp32 logits, as transformers' ForCausalLMLoss."""
+    is next-token cross-entropy over fp32 logits, as transformers' ForCausalLMLoss; an
+    encoder's is its task's (`_encoder_model`)."""
+    if isinstance(cfg, HFConfig) and cfg.task != "causal":
+        return _encoder_model(cfg, ids.shape[0], classes)
     if isinstance(cfg, HFConfig):
         from workloads.hf import build_hf
 
@@ -307,13 +356,14 @@ def check_options(recompute: str, optimizer: str) -> None:
 
 def capture_training(cfg: AnyModel, micro_batch: int, seq_len: int,
                      recompute: Recompute = "none", optimizer: Optimizer = "adamw",
-                     lora: Lora | None = None) -> TrainingTrace:
-    """Capture one micro-batch of `micro_batch` sequences of `seq_len` tokens (forward,
-    loss, backward), then add the optimizer step."""
+                     lora: Lora | None = None, classes: int | None = None) -> TrainingTrace:
+    """Capture one micro-batch of `micro_batch` sequences of `seq_len` tokens (an encoder's:
+    images; CLIP's text tower also takes `classes` prompts) (forward, loss, backward), then
+    add the optimizer step."""
     check_trainable(cfg)
     check_options(recompute, optimizer)
     ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
-    model, run, layers, hidden = _model(cfg, ids)
+    model, run, layers, hidden = _model(cfg, ids, classes)
     if lora is not None:
         apply_lora(model, lora)
     params = list(dict.fromkeys(model.parameters()))
@@ -353,7 +403,7 @@ def capture_training(cfg: AnyModel, micro_batch: int, seq_len: int,
         trainable=count, param_bytes=trace.weights_bytes,
         grad_bytes=sum(_nbytes(p) for p in trainable), master_bytes=4 * count if wide else 0,
         state_bytes=4 * OPTIMIZER_STATES[optimizer] * count, layers=layers, hidden=hidden,
-        recompute=recompute, optimizer=optimizer)
+        recompute=recompute, optimizer=optimizer, encoder=is_encoder(cfg))
 
 
 def _split_backward(recorder: _TrainingRecorder, grads: set[int]) -> list[Op]:
