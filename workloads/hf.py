@@ -176,7 +176,7 @@ def hf_step(cfg: HFConfig, phase: str, batch: int, context: int, prompt: int) ->
             model(**inputs)
 
     if cfg.task != "causal":
-        vision = cfg.config["vision_config"] if cfg.task == "clip" else cfg.config
+        vision = cfg.vision
         size, channels = vision["image_size"], vision["num_channels"]
         inputs = {"pixel_values": torch.zeros(batch, channels, size, size, dtype=dtype,
                                               device=meta)}

@@ -271,6 +271,11 @@ class HFConfig(BaseModel):
         return self.shape.tied
 
     @property
+    def vision(self) -> dict[str, Any]:
+        """The vision tower's fields: CLIP's vision_config, a ViT's own (a vision task)."""
+        return self.config["vision_config"] if self.task == "clip" else self.config
+
+    @property
     def position_limit(self) -> int | None:
         return self.shape.context
 

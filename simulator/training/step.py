@@ -132,8 +132,8 @@ def compute_dtype(cfg: AnyModel) -> str:
 def encoder_step(cfg: HFConfig, seq_len: int | None, classes: int | None, *, tp: int,
                  pp: int, sp: int, chunk: int | str | None, offload: str | None) -> int:
     """An encoder's tokens per image (its image size fixes them), after refusing, in one
-    line, what its step does not model: model parallelism, FPDT chunks, offload, and
-    `classes` other than CLIP's."""
+    line, what its step does not model (model parallelism, FPDT chunks, offload) and a
+    `classes` that is not a count."""
     from simulator.workload.training import image_tokens
 
     for flag, value in (("--tp", tp), ("--pp", pp), ("--sp", sp)):
@@ -149,12 +149,9 @@ def encoder_step(cfg: HFConfig, seq_len: int | None, classes: int | None, *, tp:
         raise UserError("--prompt", f"{cfg.name}'s image size fixes its {tokens} tokens an "
                                     f"image (patches and the class token); expected it left "
                                     f"out, not {seq_len}")
-    if classes is not None:
-        if cfg.task != "clip":
-            raise UserError("--classes", f"sets CLIP's class prompts; {cfg.name} has no text "
-                                         "tower, expected it left out")
-        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
-            raise UserError("--classes", f"expected a whole number ≥ 1, not {classes!r}")
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
+                                or classes < 1):
+        raise UserError("--classes", f"expected a whole number ≥ 1, not {classes!r}")
     return tokens
 
 
@@ -233,13 +230,13 @@ def simulate_training(hw: Hardware | str | Path, model: AnyModel | str, *, batch
                         f"devices; --hw has {have}")
     cfg = resolve_model(model, model_set) if isinstance(model, str) else model
     limit = cfg.position_limit
+    if classes is not None and getattr(cfg, "task", "") != "clip":
+        raise UserError("--classes", f"sets CLIP's class prompts; {cfg.name} has no text "
+                                     "tower, expected it left out")
     if is_encoder(cfg):
         seq_len = encoder_step(cfg, seq_len, classes, tp=tp, pp=pp, sp=sp, chunk=chunk,
                                offload=offload)
         limit = None
-    elif classes is not None:
-        raise UserError("--classes", f"sets CLIP's class prompts; {cfg.name} has no text "
-                                     "tower, expected it left out")
     if seq_len is None:
         seq_len = 2048 if limit is None else min(2048, limit)
     micro = check_step(batch // dp, micro_batch, seq_len)

@@ -266,7 +266,7 @@ def is_encoder(cfg: AnyModel) -> bool:
 
 def image_tokens(cfg: HFConfig) -> int:
     """Tokens a vision tower runs per image: its patches and the class token."""
-    vision = cfg.config["vision_config"] if cfg.task == "clip" else cfg.config
+    vision = cfg.vision
     return (vision["image_size"] // vision["patch_size"]) ** 2 + 1
 
 
@@ -280,7 +280,7 @@ def _encoder_model(cfg: HFConfig, images: int,
     from workloads.hf import build_hf
 
     model = build_hf(cfg)
-    vision = cfg.config["vision_config"] if cfg.task == "clip" else cfg.config
+    vision = cfg.vision
     size, channels = vision["image_size"], vision["num_channels"]
     meta = torch.device("meta")
     pixels = torch.zeros(images, channels, size, size, dtype=getattr(torch, cfg.torch_dtype),
